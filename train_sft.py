@@ -174,11 +174,13 @@ def make_loader(cfg, train, encoder, plan, encode_kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
-def load_model(cfg, device):
+def load_model(cfg, device, distributed, weights=None):
+    """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
     from transformers import AutoModelForImageTextToText
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(data.resolve_model(cfg.model), dtype=dtype,
+    # one GPU computes in bf16; FSDP keeps fp32 master weights and computes in bf16 (shard_model); CPU stays fp32
+    dtype = torch.bfloat16 if device.type == "cuda" and not distributed else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=cfg.attn_implementation)
     if cfg.train_type == "lora":
         targets = cfg.target_modules
@@ -333,7 +335,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
             model.save_pretrained(tmp, state_dict=model_state)
         base = data.resolve_model(cfg.model)
         for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if not name.endswith((".safetensors", ".json.index", ".bin")) and name not in ("config.json", "generation_config.json") \
+            if not name.endswith((".safetensors", ".safetensors.index.json", ".bin")) and name not in ("config.json", "generation_config.json") \
                     and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -357,18 +359,11 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
 
 
 def load_checkpoint(path, model, optimizer, scheduler, cfg):
-    from safetensors.torch import load_file
+    """Restore what the model load did not: the adapter (LoRA), optimizer, scheduler and RNG. -> trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    if cfg.train_type == "lora":
-        weights = lora.read_adapter_weights(path)
-    else:
-        weights = {}
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(path, name)))
-    options = StateDictOptions(full_state_dict=True, strict=cfg.train_type != "lora")
-    set_model_state_dict(model, weights, options=options)
+    if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model
+        set_model_state_dict(model, lora.read_adapter_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))
     saved = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
     set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
@@ -401,7 +396,11 @@ def main(argv=None):
         raise SystemExit("fewer micro-batches than --gradient_accumulation_steps: use more data or a smaller batch")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
-    model, trainable, total = load_model(cfg, device)
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        found = checkpoint_dirs(cfg.output_dir)
+        resume = found[-1] if found else None
+    model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
     if distributed:
         model = shard_model(model, cfg, device)
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
@@ -409,15 +408,10 @@ def main(argv=None):
                                   fused=device.type == "cuda" and not cfg.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None}
-    if cfg.resume_from_checkpoint:
-        path = cfg.resume_from_checkpoint
-        if path == "latest":
-            found = checkpoint_dirs(cfg.output_dir)
-            path = found[-1] if found else None
-        if path:
-            state = load_checkpoint(path, model, optimizer, scheduler, cfg)
-            if master:
-                print(f"resumed from {path} at step {state['step']}")
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, scheduler, cfg)
+        if master:
+            print(f"resumed from {resume} at step {state['step']}")
     if master:
         print(f"{len(kept)} training examples, {len(val)} validation; {steps_per_epoch} steps per epoch, {total_steps} steps; "
               f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); {world_size} process(es) on {device.type}")
