@@ -209,13 +209,13 @@ def _read_records(path):
             raw = f.read()
     except OSError as e:
         raise BadRecord(f"{path}: cannot read the dataset file ({e.strerror})") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise BadRecord(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-    stripped = content.lstrip()
-    if stripped.startswith("["):  # JSON array: decode element by element to know each one's line
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
+    if raw.lstrip().startswith(b"["):  # JSON array: decode element by element to know each one's line
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise BadRecord(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
         decoder, pos = json.JSONDecoder(), content.index("[") + 1
         while True:
             while pos < len(content) and content[pos] in " \t\r\n,":
@@ -229,10 +229,13 @@ def _read_records(path):
                 yield line, BadRecord(f"invalid JSON ({e.msg}); fix the syntax")
                 return  # the rest of an array cannot be located after a syntax error
             yield line, record
-    for line, text in enumerate(content.splitlines(), 1):
-        if text.strip():
+    # JSONL: split on b"\n" only (str.splitlines would also split inside strings at U+2028, U+0085, ...)
+    for line, row in enumerate(raw.split(b"\n"), 1):
+        if row.strip():
             try:
-                yield line, json.loads(text)
+                yield line, json.loads(row.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield line, BadRecord(f"not UTF-8 text (byte {e.start} of the line); re-save the file as UTF-8")
             except json.JSONDecodeError as e:
                 yield line, BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix the syntax or remove the line")
 
@@ -251,6 +254,8 @@ def resolve_media(path, data_file, media_root):
 
 def check_media(path):
     """Open a media file far enough to know it decodes; raise BadRecord otherwise."""
+    if os.path.getsize(path) == 0:
+        raise BadRecord(f"media file {path} is empty (0 bytes); replace the file")
     if path.lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):
         try:
             import decord
@@ -336,10 +341,11 @@ def split_dataset(samples, ratio, seed):
 
 
 def smart_resize(height, width, factor, min_pixels, max_pixels):
-    """Qwen-VL's resize rule: sides divisible by `factor` (patch * merge), area within [min_pixels, max_pixels]."""
+    """Qwen-VL's resize rule, exactly as transformers' smart_resize: sides divisible by `factor` (patch * merge),
+    area within [min_pixels, max_pixels]."""
     if max(height, width) / min(height, width) > 200:
         raise BadRecord(f"aspect ratio {max(height, width) / min(height, width):.0f}:1 is above 200:1; crop the image")
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    h, w = round(height / factor) * factor, round(width / factor) * factor  # a side of 0 is raised to min_pixels below
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
         h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
@@ -460,8 +466,9 @@ class Encoder:
     def render(self, sample, add_generation_prompt=False, reply=None):
         """Chat template text with one <|vision_start|><|image_pad|><|vision_end|> per image (pads expanded later)."""
         if sample.text is not None:
+            # a pretraining document ends with <|endoftext|>, so packed documents learn where each one stops
             return sample.text.replace(IMAGE_TAG, "<|vision_start|><|image_pad|><|vision_end|>").replace(
-                VIDEO_TAG, "<|vision_start|><|video_pad|><|vision_end|>")
+                VIDEO_TAG, "<|vision_start|><|video_pad|><|vision_end|>") + "<|endoftext|>"
         messages = [dict(m) for m in sample.messages]
         if reply is not None:
             messages[-1] = {"role": "assistant", "content": reply}
@@ -609,7 +616,9 @@ def pack_lengths(lengths, max_length, buffer_size=1000):
 
 def collate(examples, packing, pad_token_id=0):
     """Examples -> one batch dict. Packed: one row [1, T], every example keeping its own positions, with cu_seqlens
-    marking where each starts (attention never crosses them). Not packed: right-padded rows [B, T] + attention_mask."""
+    marking where each starts (attention never crosses them). Not packed: right-padded rows [B, T] + attention_mask.
+    On a packed row transformers builds the block-diagonal mask from the text positions (position_ids[0]) only when
+    attention_mask is None and there is no KV cache: call the model with use_cache=False, or examples see each other."""
     lengths = [len(e["input_ids"]) for e in examples]
     batch = {}
     if packing:
@@ -698,7 +707,8 @@ def make_plan(kept, lengths, batch_size, packing, max_length, seed, epoch, rank=
     per_rank = len(batches) // world_size
     if per_rank == 0:
         raise ValueError(f"{len(batches)} batch(es) for {world_size} processes; use more data or a smaller batch")
-    return batches[rank * per_rank : (rank + 1) * per_rank]
+    # interleaved: global batch k is micro-batch k of every rank, the same examples a single process would take together
+    return batches[rank : per_rank * world_size : world_size]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -928,7 +938,9 @@ def check_main(argv):
                     raise record
                 stage = args.stage
                 if stage == "auto" and isinstance(record, dict):
-                    stage = "dpo" if {"rejected_response", "rejected"} & record.keys() else "pretrain" if "text" in record else "sft"
+                    last = (record.get("messages") or [{}])[-1]
+                    stage = ("dpo" if {"rejected_response", "rejected"} & record.keys() else "pretrain" if "text" in record
+                             else "rl" if isinstance(last, dict) and last.get("role") == "user" else "sft")
                 sample = record_to_sample(record, stage)
                 for p in sample.images + sample.videos:
                     check_media(resolve_media(p, path, args.media_root))

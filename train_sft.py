@@ -261,12 +261,15 @@ def lr_lambda(cfg, total_steps):
 def evaluate_loss(model, val, encoder, cfg, device, rank, world_size, distributed):
     model.eval()
     total = torch.zeros(2, device=device)  # summed NLL, token count
-    for i in range(rank * cfg.per_device_train_batch_size, len(val), world_size * cfg.per_device_train_batch_size):
-        examples = [encoder(s, train_on=cfg.train_on) for s in val[i : i + cfg.per_device_train_batch_size]]
-        examples = [e for e in examples if e is not None]
+    size = cfg.per_device_train_batch_size
+    mine = val[rank::world_size]
+    for i in range(0, math.ceil(len(val) / world_size), size):  # every rank runs as many forwards (FSDP gathers in step)
+        chunk = mine[i : i + size]
+        examples = [e for e in (encoder(s, train_on=cfg.train_on) for s in chunk or val[:1]) if e is not None]
         batch = data.collate(examples, packing=cfg.packing, pad_token_id=encoder.tokenizer.pad_token_id)
         logps, n = token_logps(model, batch, device)
-        total += torch.stack([-logps.sum(), torch.tensor(float(n), device=device)])
+        if chunk:  # a rank with nothing left ran a stand-in batch only to keep in step
+            total += torch.stack([-logps.sum(), torch.tensor(float(n), device=device)])
     total = all_reduce_sum(total, distributed)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
