@@ -85,7 +85,7 @@ class Config:
     eval_steps: int = 100
     eval_generate: int = 100  # exact-match accuracy of generated replies on up to this many val examples (0: off)
     max_new_tokens: int = 16  # for eval_generate
-    save_steps: int = 500
+    save_steps: int = 500  # also saves at the end; 0 saves nothing (for benchmarks)
     save_total_limit: int = 2  # keep the best (by eval loss) and the latest
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
     report_to: str = "none"  # none | wandb | tensorboard
@@ -178,8 +178,9 @@ def load_model(cfg, device, distributed, weights=None):
     """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
     from transformers import AutoModelForImageTextToText
 
-    # one GPU computes in bf16; FSDP keeps fp32 master weights and computes in bf16 (shard_model); CPU stays fp32
-    dtype = torch.bfloat16 if device.type == "cuda" and not distributed else torch.float32
+    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
+    # autocast; CPU: fp32 throughout
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=cfg.attn_implementation)
     if cfg.train_type == "lora":
@@ -187,6 +188,9 @@ def load_model(cfg, device, distributed, weights=None):
         targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
+    for p in model.parameters():
+        if p.requires_grad:  # AdamW on bf16 weights loses small updates: trainable weights stay fp32
+            p.data = p.data.float()
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -229,7 +233,8 @@ def token_logps(model, batch, device, chunk_size=1024):
     """-> (log-probabilities of the labelled tokens [N], their count). Positions are shared across the batch rows."""
     labels = batch["labels"].to(device)
     keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
-    logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, keep]
     mask = targets != data.IGNORE
     logits, targets = logits[mask], targets[mask]
@@ -289,9 +294,10 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     vision = {k: torch.cat([e[k] for e in examples if k in e]).to(device) for k in data.VISION_KEYS
               if any(k in e for e in examples)}
     mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         mm_token_type_ids=mm_token_type_ids.to(device), **vision, max_new_tokens=max_new_tokens,
-                         do_sample=False, synced_gpus=synced, use_cache=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             mm_token_type_ids=mm_token_type_ids.to(device), **vision, max_new_tokens=max_new_tokens,
+                             do_sample=False, synced_gpus=synced, use_cache=True)
     return [encoder.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
@@ -495,7 +501,7 @@ def main(argv=None):
                 window = {"loss": torch.zeros(2, device=device), "tokens": 0, "time": time.time()}
             if val and (state["step"] % cfg.eval_steps == 0 or state["step"] == total_steps):
                 evaluate()
-            if state["step"] % cfg.save_steps == 0 or state["step"] == total_steps:
+            if cfg.save_steps > 0 and (state["step"] % cfg.save_steps == 0 or state["step"] == total_steps):
                 save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
         if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
