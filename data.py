@@ -833,23 +833,21 @@ def resolve_model(name_or_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The demo task: count the circles in a 112x112 picture (1 to 3), generated from a seed
+# The demo task: name the colour of the circle in a 112x112 picture, generated from a seed.
+# (Counting circles was tried first: the tiny model did not learn it in 600 steps; colours it learns in ~100.)
 
-DEMO_QUESTION = "How many circles are in the image?"
-DEMO_COLORS = [(220, 40, 40), (40, 160, 40), (40, 80, 220), (200, 160, 0), (160, 40, 200)]
+DEMO_QUESTION = "What color is the circle?"
+DEMO_COLORS = {"red": (220, 40, 40), "green": (40, 160, 40), "blue": (40, 80, 220), "yellow": (220, 190, 0),
+               "purple": (150, 40, 190)}
 
 
-def demo_image(rng, count, size=112):
+def demo_image(rng, color, size=112):
     from PIL import ImageDraw
 
     image = Image.new("RGB", (size, size), tuple(rng.randint(215, 255) for _ in range(3)))
-    draw, placed = ImageDraw.Draw(image), []
-    while len(placed) < count:
-        r = rng.randint(9, 15)
-        x, y = rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2)
-        if all((x - px) ** 2 + (y - py) ** 2 > (r + pr + 4) ** 2 for px, py, pr in placed):
-            placed.append((x, y, r))
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=rng.choice(DEMO_COLORS))
+    r = rng.randint(12, 22)
+    x, y = rng.randint(r + 2, size - r - 2), rng.randint(r + 2, size - r - 2)
+    ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], fill=DEMO_COLORS[color])
     return image
 
 
@@ -879,7 +877,7 @@ def write_mjpeg_avi(path, frames, fps):
 
 def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
     """Write the demo task: images/ and {sft,cpt,dpo,rl}_{train,val}.jsonl. Returns out_dir. Idempotent."""
-    done = os.path.join(out_dir, "DONE")
+    done = os.path.join(out_dir, "DONE-v2")
     if os.path.exists(done):
         return out_dir
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -887,17 +885,17 @@ def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
         rng = random.Random(split_seed)
         files = {stage: open(os.path.join(out_dir, f"{stage}_{split}.jsonl"), "w") for stage in ("sft", "cpt", "dpo", "rl")}
         for i in range(n):
-            count = rng.randint(1, 3)
+            color = rng.choice(sorted(DEMO_COLORS))
             name = f"images/{split}_{i:05d}.png"
-            demo_image(rng, count).save(os.path.join(out_dir, name))
-            wrong = rng.choice([c for c in (1, 2, 3) if c != count])
+            demo_image(rng, color).save(os.path.join(out_dir, name))
+            wrong = rng.choice([c for c in sorted(DEMO_COLORS) if c != color])
             rows = {"sft": {"messages": [{"role": "user", "content": f"<image>{DEMO_QUESTION}"},
-                                         {"role": "assistant", "content": str(count)}], "images": [name]},
-                    "cpt": {"text": f"<image>This picture has {count} circle{'s' * (count > 1)}.", "images": [name]},
-                    "dpo": {"query": f"<image>{DEMO_QUESTION}", "response": str(count), "rejected_response": str(wrong),
+                                         {"role": "assistant", "content": color}], "images": [name]},
+                    "cpt": {"text": f"<image>This picture shows a {color} circle.", "images": [name]},
+                    "dpo": {"query": f"<image>{DEMO_QUESTION}", "response": color, "rejected_response": wrong,
                             "images": [name]},
                     "rl": {"messages": [{"role": "user", "content": f"<image>{DEMO_QUESTION}"}], "images": [name],
-                           "solution": str(count)}}
+                           "solution": color}}
             for stage, row in rows.items():
                 files[stage].write(json.dumps(row) + "\n")
         for f in files.values():
@@ -908,7 +906,7 @@ def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
 
 def demo_path(stage, split):
     """The demo data file for a stage (built on first use, shared by every script and test)."""
-    root = os.environ.get("DEMO_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "qwen-vl-tiny", "demo-v1"))
+    root = os.environ.get("DEMO_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "qwen-vl-tiny", "demo-v2"))
     return os.path.join(write_demo(root), f"{stage}_{split}.jsonl")
 
 

@@ -1,7 +1,7 @@
 """
 train_sft.py: supervised fine-tuning (SFT) and multimodal continued pretraining (CPT) of Qwen-VL models.
 
-    python train_sft.py                                   # demo: tiny-qwen2.5-vl learns to count circles on CPU
+    python train_sft.py                                   # demo: tiny-qwen2.5-vl learns to name colours on CPU
     python train_sft.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset train.jsonl --train_type lora
     torchrun --nproc_per_node 8 train_sft.py --config sft.yaml --packing true --max_length 8192
     python train_sft.py --dataset pretrain.jsonl --train_on all      # CPT: loss on every text token
