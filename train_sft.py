@@ -57,7 +57,7 @@ class Config:
     freeze_aligner: bool = False
     freeze_llm: bool = False
     # optimisation
-    learning_rate: float = 5e-4  # the demo's; real models want ~1e-5 (full) or ~1e-4 (LoRA)
+    learning_rate: float | None = None  # default: the demo's, 1e-3 (full) / 3e-3 (LoRA); real models want ~1e-5 / ~1e-4
     lorap_lr_ratio: float | None = None  # LoRA+: B matrices learn at this multiple of the learning rate
     vit_lr: float | None = None
     aligner_lr: float | None = None
@@ -71,7 +71,7 @@ class Config:
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
     per_device_train_batch_size: int = 16  # examples per micro-batch (with --packing: packed rows)
     gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 2.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
@@ -111,6 +111,8 @@ def parse_config(argv=None):
             raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
         parser.set_defaults(**defaults)
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    if cfg.learning_rate is None:
+        cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 1e-3
     return cfg
 
 
