@@ -23,10 +23,10 @@ def losses(output_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def small_demo_file(tmp_path, n=32):
+def small_demo_file(tmp_path, n=32, split="train"):
     """The first n demo records, with image paths made absolute."""
-    src = data.demo_path("sft", "train")
-    out = tmp_path / "train.jsonl"
+    src = data.demo_path("sft", split)
+    out = tmp_path / f"{split}{n}.jsonl"
     with open(src) as f, open(out, "w") as g:
         for line in list(f)[:n]:
             record = json.loads(line)
@@ -38,7 +38,7 @@ def small_demo_file(tmp_path, n=32):
 @pytest.mark.parametrize("train_type", ["full", "lora"])
 def test_short_run_writes_checkpoint_and_metrics(tmp_path, train_type):
     out = str(tmp_path / "run")
-    train_sft.main(FAST + ["--dataset", small_demo_file(tmp_path), "--max_steps", "3", "--save_steps", "3",
+    train_sft.main(FAST + ["--dataset", small_demo_file(tmp_path), "--val_dataset", small_demo_file(tmp_path, 8, "val"), "--max_steps", "3", "--save_steps", "3",
                            "--eval_steps", "3", "--train_type", train_type, "--output_dir", out])
     ckpt = os.path.join(out, "checkpoint-3")
     assert os.path.exists(os.path.join(ckpt, "training_state.pt"))
@@ -72,7 +72,7 @@ def run_script(args, env_extra=None):
 @pytest.mark.parametrize("train_type", ["full", "lora"])
 def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, train_type):
     dataset = small_demo_file(tmp_path)
-    args = FAST + ["--dataset", dataset, "--max_steps", "8", "--save_steps", "3", "--train_type", train_type,
+    args = FAST + ["--dataset", dataset, "--val_dataset", small_demo_file(tmp_path, 8, "val"), "--max_steps", "8", "--save_steps", "3", "--train_type", train_type,
                    "--lora_dropout", "0.1", "--eval_steps", "100"]
     full_run = str(tmp_path / "uninterrupted")
     assert run_script(args + ["--output_dir", full_run]).wait() == 0
@@ -96,7 +96,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, train_type):
 def test_two_processes_match_one(tmp_path):
     """FSDP2 over 2 processes (gloo, CPU) computes the same losses as 1 process with the same global batch."""
     dataset = small_demo_file(tmp_path)
-    common = ["--dataset", dataset, "--val_dataset", "demo", "--num_workers", "0", "--eval_generate", "0",
+    common = ["--dataset", dataset, "--val_dataset", small_demo_file(tmp_path, 8, "val"), "--num_workers", "0", "--eval_generate", "0",
               "--logging_steps", "1", "--max_steps", "4", "--save_steps", "100", "--eval_steps", "100", "--learning_rate", "1e-3"]
     one = str(tmp_path / "one")
     p = run_script(common + ["--per_device_train_batch_size", "8", "--output_dir", one])
