@@ -57,7 +57,7 @@ def test_packed_and_padded_training_give_the_same_first_loss(tmp_path):
     first = {}
     for packing in ("true", "false"):
         out = str(tmp_path / packing)
-        train_sft.main(FAST + ["--dataset", dataset, "--max_steps", "1", "--save_steps", "100", "--packing", packing,
+        train_sft.main(FAST + ["--dataset", dataset, "--val_dataset", dataset, "--max_steps", "1", "--save_steps", "100", "--packing", packing,
                                "--max_length", "4096", "--per_device_train_batch_size", "8", "--output_dir", out])
         first[packing] = losses(out)[1]
     assert abs(first["true"] - first["false"]) < 1e-5
