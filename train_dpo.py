@@ -1,0 +1,741 @@
+"""
+train_dpo.py: Direct Preference Optimization (DPO) of Qwen-VL models, LoRA or full, on (prompt, chosen, rejected) pairs.
+
+    python train_sft.py --max_steps 60 --output_dir outputs/sft_short     # demo, step 1: a short SFT checkpoint
+    python train_dpo.py --model outputs/sft_short/checkpoint-60           # demo, step 2: DPO on CPU, under 3 minutes
+    python train_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset pairs.jsonl --lora_rank 32 --learning_rate 1e-4
+    torchrun --nproc_per_node 8 train_dpo.py --config dpo.yaml            # FSDP2 over 8 GPUs
+    python train_dpo.py --train_type full --precompute_ref_logps true ... # full fine-tuning with no reference in memory
+
+Pairs come in any format of data.py (ms-swift `rejected_response`, `chosen`/`rejected`); both replies share the
+prompt and its images. The chosen and rejected sequences of a micro-batch's pairs go through one packed forward pass
+(attention never crosses sequences), and each sequence's log-probability is the sum over its reply tokens.
+
+The reference policy: with LoRA, the same model with its adapters switched off (no second copy in memory); with full
+fine-tuning, a frozen copy of the starting model (sharded like the policy); with --precompute_ref_logps, one pass
+before training stores every pair's reference log-probabilities, and no reference model is kept at all.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import data
+import lora
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "outputs/sft_short/checkpoint-60"  # a checkpoint folder (the demo's SFT run), hub id or tiny model name
+    dataset: list[str] = field(default_factory=lambda: ["demo"])  # pair files, each optionally `file%50` or `file#2000`
+    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo task's held-out pairs
+    split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
+    media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
+    skip_bad_records: bool = False  # drop bad records (and report their count) instead of stopping at the first
+    max_length: int = 2048  # tokens per sequence (prompt + one reply)
+    truncation_strategy: str = "error"  # error | left | right | delete, for sequences above max_length
+    num_workers: int = 1  # DataLoader workers that decode media and tokenise
+    min_pixels: int | None = None  # image pixel bounds (default: the processor's, or MIN_PIXELS / MAX_PIXELS)
+    max_pixels: int | None = None
+    fps: float = 2.0  # video frames sampled per second, within [video_min_frames, video_max_frames]
+    video_min_frames: int = 4
+    video_max_frames: int = 64
+    video_max_pixels: int = 128 * 28 * 28
+    # DPO
+    beta: float = 0.1  # strength of the KL tie to the reference: small beta lets the policy move further
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC)
+    label_smoothing: float = 0.0  # conservative DPO: the assumed probability that a preference label is flipped
+    rpo_alpha: float = 1.0  # add alpha x the chosen reply's NLL (RPO, Pang et al. 2024), 0: plain DPO. It keeps the
+    # chosen replies likely: plain DPO lowers both sides' log-probabilities, and on the demo that breaks the replies
+    precompute_ref_logps: bool = False  # one reference pass before training, then no reference model in memory
+    # what is trained
+    train_type: str = "lora"  # lora | full
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # 0: the policy at step 0 equals the reference exactly
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names, or one regex
+    use_rslora: bool = False
+    freeze_vit: bool = True
+    freeze_aligner: bool = True
+    freeze_llm: bool = False
+    # optimisation
+    learning_rate: float = 3e-3  # the demo's; real models want ~5e-7 (full) or ~5e-6 to 1e-4 (LoRA)
+    lorap_lr_ratio: float | None = None  # LoRA+: B matrices learn at this multiple of the learning rate
+    vit_lr: float | None = None
+    aligner_lr: float | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0  # overrides warmup_ratio when > 0
+    per_device_train_batch_size: int = 8  # pairs per micro-batch, packed into one row (2x that many sequences)
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = 150  # overrides num_train_epochs when > 0 (the demo's; -1 to train num_train_epochs)
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    seed: int = 42
+    # distributed
+    fsdp_reshard_after_forward: bool = True  # false: keep gathered weights between forward and backward (ZeRO-2-like)
+    offload_optimizer: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
+    # evaluation, logging, checkpoints
+    output_dir: str = "outputs/dpo"
+    logging_steps: int = 10
+    eval_steps: int = 50
+    eval_generate: int = 100  # exact match of greedy replies with the chosen replies of up to this many val pairs (0: off)
+    max_new_tokens: int = 16  # for eval_generate
+    save_steps: int = 500  # also saves at the end; 0 saves nothing (for benchmarks)
+    save_total_limit: int = 2  # keep the best (by eval loss) and the latest
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    report_to: str = "none"  # none | wandb | tensorboard
+    config: str | None = None  # a yaml/json file of defaults; the command line overrides it
+
+
+def parse_config(argv=None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Config)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                defaults = yaml.safe_load(f)
+            else:
+                defaults = json.load(f)
+        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
+        if unknown:
+            raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    if cfg.loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise SystemExit(f"--loss_type {cfg.loss_type!r}: choose sigmoid, ipo or hinge")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss: a pure function of per-pair sequence log-probabilities
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair preference losses and implicit rewards. Every input is [P]: a sum of log-probabilities over one reply.
+
+    h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)), the chosen reply's log-ratio minus the rejected's.
+      sigmoid: -log sigmoid(beta h)                  DPO, Rafailov et al. 2023, eq. 7
+               with label_smoothing e: -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h): conservative DPO
+               (Mitchell 2023), each label taken as flipped with probability e
+      ipo:     (h - 1 / (2 beta))^2                  IPO, Azar et al. 2023, the sampled IPO loss (beta = their tau); h of
+               sequence sums here, where TRL uses per-token means: an IPO beta from TRL needs rescaling
+      hinge:   max(0, 1 - beta h)                    SLiC-HF's calibration loss (Zhao et al. 2023, eq. 1, delta = 1/beta)
+                                                     on the reference-normalised h, as TRL's "hinge"
+    Rewards: beta x each reply's log-ratio (DPO eq. 5 without the partition function), detached.
+    -> (losses [P], chosen_rewards [P], rejected_rewards [P])"""
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose sigmoid, ipo or hinge")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
+
+def setup_distributed():
+    distributed = "RANK" in os.environ
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return distributed, rank, world_size, device
+
+
+def all_reduce_sum(x, distributed):
+    if distributed:
+        dist.all_reduce(x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: a pair is one Sample whose messages end with the chosen reply and whose `rejected` is the other reply
+
+def load_data(cfg, encoder, rank, world_size, distributed):
+    def specs(names, split):  # `--val_dataset ""` gives no validation set
+        return [data.demo_path("dpo", split) if n == "demo" else n for n in names if n]
+
+    load = lambda names, split: data.load_dataset(specs(names, split), "dpo", cfg.seed, cfg.media_root, cfg.skip_bad_records)
+    train = load(cfg.dataset, "train")
+    if cfg.split_dataset_ratio > 0:
+        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
+    else:
+        val = load(cfg.val_dataset, "val") if specs(cfg.val_dataset, "val") else []
+    # every pair is encoded once up front (both replies), each process taking a share: bad records are found now
+    shard = [train[i] for i in range(rank, len(train), world_size)]
+    rejected = [rejected_sample(s) for s in shard]
+    kept_c, _, _ = data.measure_lengths(shard, encoder, cfg.skip_bad_records, cfg.num_workers)
+    kept_r, _, _ = data.measure_lengths(rejected, encoder, cfg.skip_bad_records, cfg.num_workers)
+    kept = [rank + i * world_size for i in sorted(set(kept_c) & set(kept_r))]
+    if distributed:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, kept)
+        kept = sorted(i for part in gathered for i in part)
+    return train, val, kept
+
+
+def rejected_sample(sample):
+    """The pair's rejected side as a Sample of its own (used to measure it; encoding uses Encoder's `reply`)."""
+    return data.Sample(sample.messages[:-1] + [{"role": "assistant", "content": sample.rejected}], sample.images,
+                       sample.videos, source=sample.source)
+
+
+def encode_reply(encoder, sample, reply=None):
+    """Encode prompt + one reply, labels on that final reply only: earlier assistant turns are shared by both sides
+    of the pair, so they carry no preference (and DPO's log-probabilities are sums over the completion)."""
+    example = encoder(sample, reply=reply)
+    if example is None:
+        return None
+    labels = example["labels"]
+    labelled = (labels != data.IGNORE).nonzero().squeeze(1)
+    if len(labelled):
+        starts = labelled[torch.cat([torch.tensor([True]), labelled[1:] != labelled[:-1] + 1])]
+        labels[: starts[-1]] = data.IGNORE  # keep only the last run of labels: the final reply and its <|im_end|>
+    return example
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i: micro-batch i of the plan, its pairs packed into one row [chosen_1 .. chosen_P, rejected_1 .. rejected_P]
+    (the prompt appears twice; attention never crosses sequences). `index` holds the pairs' dataset indices."""
+
+    def __init__(self, samples, encoder, plan):
+        self.samples, self.encoder, self.plan = samples, encoder, plan
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, i):
+        chosen, rejected, index = [], [], []
+        for j in self.plan[i]:
+            c = encode_reply(self.encoder, self.samples[j])
+            r = encode_reply(self.encoder, self.samples[j], reply=self.samples[j].rejected)
+            if c is not None and r is not None:  # a val pair over --max_length under --truncation_strategy delete
+                chosen.append(c), rejected.append(r), index.append(j)
+        if not index:
+            return None
+        batch = data.collate(chosen + rejected, packing=True)
+        batch["index"] = torch.tensor(index)
+        batch["chosen_tokens"] = sum(int((c["labels"] != data.IGNORE).sum()) for c in chosen)
+        return batch
+
+
+def make_plan(kept, batch_size, seed, epoch, rank, world_size):
+    """One epoch's micro-batches for one rank: lists of `batch_size` pair indices, shuffled with (seed, epoch), so a
+    resumed run sees the same order; every rank gets the same number of micro-batches."""
+    return data.make_plan(kept, [0] * len(kept), batch_size, False, 0, seed, epoch, rank, world_size)
+
+
+def spread(indices, batch_size, rank, world_size):
+    """For a pass over every index (reference scores, evaluation): this rank's share in micro-batches, as many on every
+    rank (FSDP needs all of them in each forward); a rank short of pairs gets [] and runs a stand-in batch for it."""
+    mine = indices[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, math.ceil(len(indices) / world_size), batch_size)]
+
+
+def make_loader(cfg, samples, encoder, plan):
+    # its own generator: creating a loader must not draw from the global RNG, or a resumed run's dropout would differ
+    return torch.utils.data.DataLoader(PairDataset(samples, encoder, plan), batch_size=None, shuffle=False,
+                                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: the policy, and the reference copy for full fine-tuning
+
+def load_model(cfg, device, distributed, weights=None, reference=False):
+    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied;
+    or, with reference=True, a frozen copy of cfg.model in eval mode (no dropout: it only scores)."""
+    from transformers import AutoModelForImageTextToText
+
+    path = data.resolve_model(cfg.model)
+    if cfg.model == Config.model and not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist: the demo starts from a short SFT run; make it with\n"
+                         f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
+    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
+    # autocast; CPU: fp32 throughout
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False
+    if reference:
+        return model.requires_grad_(False).eval().to(device)
+    if cfg.train_type == "lora":
+        targets = cfg.target_modules
+        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
+    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
+    for p in model.parameters():
+        if p.requires_grad:  # AdamW on bf16 weights loses small updates: trainable weights stay fp32
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), trainable, total
+
+
+def shard_model(model, cfg, device, reference=False):
+    """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (the reference, with no
+    optimizer, keeps its loaded dtype and always reshards: it runs forward only)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+              "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
+    if cfg.offload_optimizer:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequence log-probabilities: the vocabulary projected for labelled positions only and the fp32 log-softmax taken in
+# chunks (recomputed in backward), so no [T, vocab] fp32 tensor is ever held; then summed per packed sequence.
+
+def model_inputs(batch, device):
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+
+
+def chunk_logps(logits, targets):
+    return torch.gather(logits.float().log_softmax(-1), 1, targets[:, None]).squeeze(1)
+
+
+def sequence_logps(model, batch, device, chunk_size=1024):
+    """-> (summed reply log-probability of every sequence of the packed row [S], labelled tokens per sequence [S])."""
+    labels = batch["labels"][0].to(device)
+    keep = (labels != data.IGNORE).nonzero().squeeze(1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits[0]
+    targets = labels[keep]
+    logps = torch.cat([checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
+                       for i in range(0, len(targets), chunk_size)])
+    # the sequence each labelled position belongs to: cu_seqlens marks where each sequence of the row starts
+    cu_seqlens = batch["cu_seqlens"].to(device)
+    sequence = torch.searchsorted(cu_seqlens[1:], keep, right=True)
+    sums = logps.new_zeros(len(cu_seqlens) - 1).index_add(0, sequence, logps)
+    return sums, torch.bincount(sequence, minlength=len(cu_seqlens) - 1)
+
+
+@torch.no_grad()
+def reference_logps(model, ref_model, ref_table, batch, device):
+    """-> (ref_chosen_logps [P], ref_rejected_logps [P]) from the stored table, the frozen copy, or the adapters-off policy."""
+    if ref_table is not None:
+        pairs = ref_table[batch["index"]].to(device)
+        return pairs[:, 0], pairs[:, 1]
+    if ref_model is not None:
+        sums, _ = sequence_logps(ref_model, batch, device)
+    else:
+        with lora.disable_adapters(model):
+            sums, _ = sequence_logps(model, batch, device)
+    return sums.chunk(2)
+
+
+def ref_table_path(cfg, split):
+    """Stored reference log-probabilities are keyed by everything that changes them: model, data, encoding."""
+    key = {k: getattr(cfg, k) for k in ("model", "dataset", "val_dataset", "split_dataset_ratio", "seed", "max_length",
+                                       "truncation_strategy", "min_pixels", "max_pixels", "fps", "video_min_frames",
+                                       "video_max_frames", "video_max_pixels", "media_root")}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cfg.output_dir, f"ref_logps-{split}-{digest}.pt")
+
+
+@torch.no_grad()
+def precompute_reference(model, samples, indices, encoder, cfg, device, rank, world_size, distributed, path):
+    """One pass with the starting model (adapters off with LoRA) -> [len(samples), 2] reference log-probabilities of
+    (chosen, rejected), saved to `path` (reused when it exists: a resumed run finds it)."""
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    table = torch.zeros(len(samples), 2)
+    plan = spread(indices, cfg.per_device_train_batch_size, rank, world_size)
+    model.eval()
+    for pairs, batch in zip(plan, make_loader(cfg, samples, encoder, [p or indices[:1] for p in plan])):
+        chosen, rejected = reference_logps(model, None, None, batch, device)  # adapters off: a no-op without LoRA
+        if pairs:
+            table[batch["index"]] = torch.stack([chosen, rejected], 1).float().cpu()
+    model.train()
+    table = all_reduce_sum(table.to(device), distributed).cpu()  # each pair was scored by one rank, zeros elsewhere
+    if rank == 0:
+        torch.save(table, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: sums over pairs (and chosen tokens), reduced over processes, then divided
+
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "pairs",
+         "nll", "chosen_tokens")
+
+
+def pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_tokens):
+    return torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
+                        (chosen_rewards > rejected_rewards).float().sum(), chosen_logps.detach().sum(),
+                        rejected_logps.detach().sum(), torch.tensor(float(len(losses)), device=losses.device),
+                        -chosen_logps.detach().sum(), chosen_tokens.sum().float()]).double()
+
+
+def summarise(sums, cfg, prefix=""):
+    s = dict(zip(STATS, sums.tolist()))
+    pairs = max(s["pairs"], 1)
+    nll = s["nll"] / max(s["chosen_tokens"], 1)  # per chosen token, as the --rpo_alpha term
+    out = {"loss": s["loss"] / pairs + cfg.rpo_alpha * nll}
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        out[k] = s[k] / pairs
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    if cfg.rpo_alpha:
+        out["nll_loss"] = nll
+    return {prefix + k: v for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, evaluation, checkpoints
+
+def lr_lambda(cfg, total_steps):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.lr_scheduler_type == "linear":
+            return 1 - progress
+        return 1.0
+
+    return schedule
+
+
+@torch.no_grad()
+def evaluate_pairs(model, ref_model, ref_table, val, encoder, cfg, device, rank, world_size, distributed):
+    """The training metrics on the held-out pairs, policy in eval mode."""
+    model.eval()
+    plan = spread(list(range(len(val))), cfg.per_device_train_batch_size, rank, world_size)
+    sums = torch.zeros(len(STATS), dtype=torch.float64, device=device)
+    for pairs, batch in zip(plan, make_loader(cfg, val, encoder, [p or [0] for p in plan])):
+        if batch is None:
+            continue
+        ref_chosen, ref_rejected = reference_logps(model, ref_model, ref_table, batch, device)
+        logps, tokens = sequence_logps(model, batch, device)
+        chosen, rejected = logps.chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                            cfg.loss_type, cfg.label_smoothing)
+        if pairs:
+            sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
+    model.train()
+    return summarise(all_reduce_sum(sums, distributed), cfg, prefix="eval_")
+
+
+@torch.no_grad()
+def generate(model, encoder, samples, device, max_new_tokens, synced):
+    """Greedy replies for prompt samples (conversations ending with a user turn), batched with left padding."""
+    examples = [encoder.encode(s, train_on="none", add_generation_prompt=True) for s in samples]
+    pad = encoder.tokenizer.pad_token_id
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        input_ids[row, width - len(e["input_ids"]):] = e["input_ids"]
+        attention_mask[row, width - len(e["input_ids"]):] = 1
+    vision = {k: torch.cat([e[k] for e in examples if k in e]).to(device) for k in data.VISION_KEYS
+              if any(k in e for e in examples)}
+    mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             mm_token_type_ids=mm_token_type_ids.to(device), **vision, max_new_tokens=max_new_tokens,
+                             do_sample=False, synced_gpus=synced, use_cache=True)
+    return [encoder.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed):
+    """Exact match of greedy replies with the chosen replies of the first eval_generate val pairs
+    (on the demo: the task accuracy, the chosen reply being the right colour)."""
+    samples = val[: cfg.eval_generate]
+    mine = samples[rank::world_size]
+    batch_size = 2 * cfg.per_device_train_batch_size
+    model.eval()
+    correct = 0
+    for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), batch_size):
+        chunk = mine[i : i + batch_size] or samples[:1]  # every rank runs the same number of batches
+        prompts = [data.Sample(s.messages[:-1], s.images, s.videos) for s in chunk]
+        replies = generate(model, encoder, prompts, device, cfg.max_new_tokens, synced=distributed)
+        if mine[i : i + batch_size]:
+            correct += sum(r.strip() == s.messages[-1]["content"].strip() for r, s in zip(replies, chunk))
+    model.train()
+    model.config.use_cache = False
+    return all_reduce_sum(torch.tensor(float(correct), device=device), distributed).item() / len(samples)
+
+
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints only (a half-written one is still named *.tmp), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
+    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), plus what an exact resume
+    needs. Written to a .tmp folder, then renamed, so a crash never leaves a checkpoint that looks complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
+    if rank == 0:
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.train_type == "lora":
+            lora.save_adapter(model, tmp, state_dict=model_state, base_model_name_or_path=cfg.model)
+        else:
+            model.save_pretrained(tmp, state_dict=model_state)
+        base = data.resolve_model(cfg.model)  # its tokenizer, processor and chat template; not its weights or state
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            weights_or_state = name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")) or \
+                name in ("config.json", "generation_config.json", "trainer_state.json")
+            if not weights_or_state and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy(os.path.join(base, name), tmp)
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, final)
+        # keep the latest and the best by eval loss, up to save_total_limit
+        dirs = checkpoint_dirs(cfg.output_dir)
+        scores = {}
+        for d in dirs:
+            with open(os.path.join(d, "trainer_state.json")) as f:
+                scores[d] = json.load(f).get("eval_loss") or float("inf")
+        keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
+        for d in dirs:
+            if d not in keep and cfg.save_total_limit > 0:
+                shutil.rmtree(d, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, cfg):
+    """Restore what the model load did not: the adapter (LoRA), optimizer, scheduler and RNG. -> trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model
+        set_model_state_dict(model, lora.read_adapter_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if torch.cuda.is_available() and saved["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    distributed, rank, world_size, device = setup_distributed()
+    master = rank == 0
+    start_time = time.time()
+    torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # leave the DataLoader workers their cores: compute threads that share a core spin-wait, several times slower
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - cfg.num_workers))  # (torchrun sets OMP_NUM_THREADS)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if master:
+        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        found = checkpoint_dirs(cfg.output_dir)
+        resume = found[-1] if found else None
+    # the model first: a missing demo checkpoint is reported before any data work
+    model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
+    vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
+    plan_of = lambda epoch: make_plan(kept, cfg.per_device_train_batch_size, cfg.seed, epoch, rank, world_size)
+    steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise SystemExit("fewer micro-batches than --gradient_accumulation_steps: use more data or a smaller batch")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+    if distributed:
+        model = shard_model(model, cfg, device)
+    # the reference: stored log-probabilities, the policy with adapters off (LoRA), or a frozen copy (full)
+    ref_model = ref_table = val_ref_table = None
+    if cfg.precompute_ref_logps:
+        # scored by the starting model: the policy before its first update (LoRA: adapters off, whatever was resumed)
+        scorer, splits = model, ["train", "val"] if val else ["train"]
+        if resume and cfg.train_type == "full" and not all(os.path.exists(ref_table_path(cfg, s)) for s in splits):
+            scorer = load_model(cfg, device, distributed, reference=True)
+            scorer = shard_model(scorer, cfg, device, reference=True) if distributed else scorer
+        ref_table = precompute_reference(scorer, train, kept, encoder, cfg, device, rank, world_size, distributed,
+                                         ref_table_path(cfg, "train"))
+        if val:
+            val_ref_table = precompute_reference(scorer, val, list(range(len(val))), encoder, cfg, device, rank,
+                                                 world_size, distributed, ref_table_path(cfg, "val"))
+        del scorer
+    elif cfg.train_type == "full":
+        ref_model = load_model(cfg, device, distributed, reference=True)
+        if distributed:
+            ref_model = shard_model(ref_model, cfg, device, reference=True)
+
+    groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  fused=device.type == "cuda" and not cfg.offload_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, scheduler, cfg)
+        if master:
+            print(f"resumed from {resume} at step {state['step']}")
+    if master:
+        reference = "precomputed" if ref_table is not None else "frozen copy" if ref_model is not None else "adapters off"
+        print(f"{len(kept)} training pairs, {len(val)} validation; {steps_per_epoch} steps per epoch, {total_steps} steps; "
+              f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); reference: {reference}; "
+              f"{world_size} process(es) on {device.type}")
+    tracker = None
+    if master and cfg.report_to == "wandb":
+        import wandb
+
+        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
+    elif master and cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tracker = SummaryWriter(cfg.output_dir)
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+
+    def log(metrics):
+        if not master:
+            return
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+        if cfg.report_to == "wandb":
+            tracker.log(metrics, step=metrics["step"])
+        elif cfg.report_to == "tensorboard":
+            for k, v in metrics.items():
+                tracker.add_scalar(k, v, metrics["step"])
+
+    evals = []
+
+    def evaluate():
+        result = {"step": state["step"], **evaluate_pairs(model, ref_model, val_ref_table, val, encoder, cfg, device,
+                                                          rank, world_size, distributed)}
+        if cfg.eval_generate > 0:
+            result["eval_accuracy"] = evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed)
+        result["elapsed_s"] = time.time() - start_time
+        state["eval_loss"] = result["eval_loss"]
+        log(result)
+        evals.append(result)
+
+    if val and state["step"] == 0:
+        evaluate()  # the starting point: what DPO improves on
+    model.train()
+    window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "time": time.time()}
+    progress = None
+    if master and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=state["step"], desc="dpo", dynamic_ncols=True)
+    while state["step"] < total_steps:
+        plan = plan_of(state["epoch"])
+        loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:]))
+        while state["step"] < total_steps and state["batch"] + cfg.gradient_accumulation_steps <= len(plan):
+            micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
+            state["batch"] += cfg.gradient_accumulation_steps
+            # the loss is a mean over the pairs (and, for --rpo_alpha, the chosen tokens) of the whole global batch
+            counts = torch.tensor([[len(b["index"]), b["chosen_tokens"]] for b in micro_batches], dtype=torch.float).sum(0)
+            n_pairs, n_chosen_tokens = all_reduce_sum(counts.to(device), distributed).tolist()
+            for i, batch in enumerate(micro_batches):
+                if distributed:
+                    model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce gradients once per step
+                ref_chosen, ref_rejected = reference_logps(model, ref_model, ref_table, batch, device)
+                logps, tokens = sequence_logps(model, batch, device)
+                chosen, rejected = logps.chunk(2)
+                losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                                    cfg.loss_type, cfg.label_smoothing)
+                loss = losses.sum() / n_pairs
+                if cfg.rpo_alpha:
+                    loss = loss + cfg.rpo_alpha * -chosen.sum() / n_chosen_tokens
+                (loss * world_size).backward()  # FSDP averages gradients over processes
+                window["sums"] += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
+                window["tokens"] += batch["input_ids"].numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if progress:
+                progress.update(1)
+            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+                sums = all_reduce_sum(window["sums"].clone(), distributed)
+                tokens = all_reduce_sum(torch.tensor(float(window["tokens"]), device=device), distributed).item()
+                elapsed = time.time() - window["time"]
+                metrics = {"step": state["step"], **summarise(sums, cfg),
+                           "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                           "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"] + state["batch"] / len(plan),
+                           "tokens_per_s": tokens / elapsed / world_size}
+                if device.type == "cuda":
+                    metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                log(metrics)
+                window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "time": time.time()}
+            if val and (state["step"] % cfg.eval_steps == 0 or state["step"] == total_steps):
+                evaluate()
+            if cfg.save_steps > 0 and (state["step"] % cfg.save_steps == 0 or state["step"] == total_steps):
+                save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
+        if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
+            state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    if progress:
+        progress.close()
+    if master:
+        print(f"done: {state['step']} steps in {time.time() - start_time:.0f}s; checkpoints in {cfg.output_dir}")
+        if len(evals) > 1:  # the demo's result: preference accuracy up, task accuracy not down
+            print("held-out " + ", ".join(f"{k} {evals[0][k]:.2f} -> {evals[-1][k]:.2f}" for k in
+                                          ("eval_rewards/accuracies", "eval_accuracy", "eval_loss") if k in evals[0]))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
