@@ -1,0 +1,954 @@
+"""
+train_chord.py: CHORD for Qwen-VL models: on-policy GRPO on prompts and off-policy SFT on expert replies, in one
+loss with a scheduled weight (Zhang et al. 2025, "On-Policy RL Meets Off-Policy Experts", arXiv 2508.11408).
+
+    python train_chord.py                                 # demo: the base tiny model learns to name colours on CPU
+    python train_chord.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset rl.jsonl --chord_sft_dataset expert.jsonl \\
+        --train_type lora --learning_rate 1e-5 --reward_funcs accuracy format --max_completion_length 1024 \\
+        --chord_mu_peak 0.9 --chord_mu_valley 0.05 --chord_mu_decay_steps 200 --chord_enable_phi_function true
+    torchrun --nproc_per_node 8 train_chord.py --config chord.yaml --reward_plugin my_rewards.py
+
+One step is one GRPO step exactly as in train_grpo.py (rollout, rewards, group-relative advantages, clipped surrogate
+loss), and, next to each of its micro-batches, chord_sft_per_device_train_batch_size expert examples (as ms-swift
+draws them): the loss is (1 - mu) * L_GRPO + mu * L_SFT, mu = chord_mu(step) rising to --chord_mu_peak and then
+decaying to --chord_mu_valley (CHORD-mu), and L_SFT the token-mean NLL of the expert replies, each token optionally
+weighted by p (1 - p) (CHORD-phi, --chord_enable_phi_function). Expert data: --chord_sft_dataset in any SFT format;
+not given: the demo's SFT split for the demo prompts, else each RL record's `solution` as its expert reply.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+import data
+import lora
+import rewards
+
+
+@dataclass
+class Config:
+    # model and data
+    model: str = "tiny-qwen2.5-vl"  # local path, hub id, or tiny-qwen2.5-vl / tiny-qwen3-vl
+    dataset: list[str] = field(default_factory=lambda: ["demo#480"])  # RL prompts; "demo#480": 480 demo prompts
+    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # held-out prompts; "demo": the demo's val split
+    split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
+    media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
+    skip_bad_records: bool = False  # drop bad records (and report their count) instead of stopping at the first
+    max_length: int = 2048  # tokens of a prompt or of an expert example; longer ones follow truncation_strategy
+    truncation_strategy: str = "error"  # error | left | delete
+    num_workers: int = 2  # processes that encode every prompt once before training, to find bad records early
+    min_pixels: int | None = None  # image pixel bounds (default: the processor's, or MIN_PIXELS / MAX_PIXELS)
+    max_pixels: int | None = None
+    fps: float = 2.0
+    video_min_frames: int = 4
+    video_max_frames: int = 64
+    video_max_pixels: int = 128 * 28 * 28
+    # rollouts
+    num_generations: int = 8  # completions per prompt (the group whose mean is the baseline)
+    max_completion_length: int = 8  # new tokens per completion; the demo's answer is a word and <|im_end|>
+    temperature: float = 1.0  # 1: sample the policy itself, which the loss assumes
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
+    generation_batch_size: int = 0  # completions per generate call on each process (0: a whole rollout at once)
+    # rewards and advantages
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in rewards.REWARDS or a plugin
+    reward_weights: list[float] | None = None  # one per reward function; default 1.0 each
+    reward_plugin: list[str] = field(default_factory=list)  # .py files whose functions become rewards
+    scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by (none: Dr. GRPO)
+    dynamic_sample: bool = False  # DAPO: replace groups whose rewards all agree (no signal) with new prompts
+    max_resample_times: int = 3  # extra rounds of prompts per step for dynamic_sample
+    overlong_filter: bool = False  # DAPO: completions cut at max_completion_length get no loss
+    # loss
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo (see grpo_loss)
+    beta: float = 0.0  # KL to the reference; 0 (DAPO, Dr. GRPO, TRL's default) loads no reference model
+    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # default: epsilon; DAPO's clip-higher: 0.28
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    num_iterations: int = 1  # updates per rollout (GRPO's mu); > 1 computes the sampling policy's logps once
+    # CHORD: the expert data and the weight mu of the SFT loss
+    chord_sft_dataset: list[str] = field(default_factory=list)  # SFT-format expert records ("demo": the demo task's);
+    # not given: the demo task's SFT split for the demo prompts, else each RL record's `solution` as its expert reply
+    chord_sft_per_device_train_batch_size: int = 16  # expert examples next to each GRPO micro-batch on each process
+    chord_mu_warmup_steps: int = 0  # mu rises linearly from 0 to chord_mu_peak over these steps ...
+    chord_mu_decay_steps: int = 100  # ... then decays with a cosine to chord_mu_valley over these, and stays there
+    chord_mu_peak: float = 0.9  # peak 0.9, valley 0.05 over 200 decay steps: ms-swift's CHORD example
+    chord_mu_valley: float = 0.05  # a constant mu: peak = valley (0 is pure GRPO, 1 pure SFT)
+    chord_enable_phi_function: bool = False  # CHORD-phi: weight each expert token's NLL by p (1 - p)
+    # what is trained
+    train_type: str = "full"  # full | lora
+    lora_rank: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # dropout would make the policy ratio noisy (!= 1 even at the first update)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names, or one regex
+    use_rslora: bool = False
+    freeze_vit: bool = False
+    freeze_aligner: bool = False
+    freeze_llm: bool = False
+    # optimisation
+    learning_rate: float = 5e-4  # the demo's (from the base model); real models want ~1e-6 (full) or ~1e-5 (LoRA)
+    lorap_lr_ratio: float | None = None
+    vit_lr: float | None = None
+    aligner_lr: float | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"  # cosine | linear | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # overrides warmup_ratio when > 0
+    per_device_train_batch_size: int = 32  # completions per micro-batch on each process
+    gradient_accumulation_steps: int = 1  # a step: batch x accumulation / num_generations prompts per process
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    seed: int = 42
+    # distributed
+    fsdp_reshard_after_forward: bool = True
+    offload_optimizer: bool = False
+    # evaluation, logging, checkpoints
+    output_dir: str = "outputs/chord"
+    logging_steps: int = 1
+    eval_steps: int = 10
+    eval_limit: int = 100  # held-out prompts, completed greedily: mean reward and accuracy
+    eval_on_start: bool = True  # evaluate before the first step, so the log shows where RL started
+    save_steps: int = 100
+    save_total_limit: int = 2  # keep the best (by eval reward) and the latest
+    log_completions: bool = False  # every completion with its rewards and advantage -> completions.jsonl
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    report_to: str = "none"  # none | wandb | tensorboard
+    config: str | None = None  # a yaml/json file of defaults; the command line overrides it
+
+
+def parse_config(argv=None):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Config)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--config" in argv:
+        path = argv[argv.index("--config") + 1]
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                defaults = yaml.safe_load(f)
+            else:
+                defaults = json.load(f)
+        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
+        if unknown:
+            raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
+        parser.set_defaults(**defaults)
+    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
+               "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.num_generations < 2:
+        raise SystemExit("--num_generations must be at least 2: the advantage compares completions of one prompt")
+    if cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps % cfg.num_generations:
+        raise SystemExit(f"per_device_train_batch_size x gradient_accumulation_steps ({cfg.per_device_train_batch_size} x "
+                         f"{cfg.gradient_accumulation_steps}) must be a multiple of num_generations ({cfg.num_generations})")
+    cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
+
+def setup_distributed():
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return distributed, rank, world_size, device
+
+
+def all_reduce(x, distributed, op="sum"):
+    if distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+def gather_lists(values, distributed):
+    """{name: list} from every process -> {name: the lists joined in rank order}."""
+    if not distributed:
+        return values
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, values)
+    return {k: [x for part in parts for x in part[k]] for k in values}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: prompts in a shuffled order per epoch; each rollout takes the next global batch, each process its slice
+
+PROMPT = {"train_on": "none", "add_generation_prompt": True}  # a prompt: no labels, ends with "<|im_start|>assistant\n"
+
+
+def load_data(cfg, encoder, rank, world_size, distributed):
+    def specs(names, split):  # "demo", "demo#N", "demo%P" name the demo task's RL files
+        return [data.demo_path("rl", split) + n[4:] if n.split("#")[0].split("%")[0] == "demo" else n for n in names]
+
+    train = data.load_dataset(specs(cfg.dataset, "train"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
+    if cfg.split_dataset_ratio > 0:
+        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
+    elif cfg.val_dataset:
+        val = data.load_dataset(specs(cfg.val_dataset, "val"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
+    else:
+        val = []
+    # every prompt is encoded once up front, each process taking a share: bad records are found now, not at step 900
+    shard = list(range(rank, len(train), world_size))
+    kept, _, _ = data.measure_lengths([train[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT)
+    kept = gather_lists({"kept": [shard[i] for i in kept]}, distributed)["kept"]
+    return train, val, sorted(kept)
+
+
+def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
+    """This process's prompts for one rollout round. The order is shuffled with (seed, epoch); state["cursor"] counts
+    the global batches taken this epoch, so a resumed run continues with exactly the next prompts."""
+    per_epoch = len(kept) // (prompts_per_rank * world_size)
+    if per_epoch == 0:
+        raise SystemExit(f"{len(kept)} prompts for a global batch of {prompts_per_rank * world_size}; use more data")
+    if state["cursor"] >= per_epoch:
+        state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+    order = list(kept)
+    random.Random(cfg.seed * 1000 + state["epoch"]).shuffle(order)
+    start = (state["cursor"] * world_size + rank) * prompts_per_rank
+    state["cursor"] += 1
+    return order[start : start + prompts_per_rank]
+
+
+EXPERT = {"train_on": "assistant"}  # how an expert example is encoded: labels on its assistant replies
+
+
+def is_demo(name):
+    return name.split("#")[0].split("%")[0] == "demo"
+
+
+def load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed):
+    """The expert examples of the SFT part -> (samples, indices of the usable ones, their lengths in tokens).
+    --chord_sft_dataset in any SFT format ("demo", "demo#N": the demo task's SFT split); not given: the same for the
+    demo prompts, else every RL record with its `solution` as the assistant reply (right only when the solution is a
+    whole reply, in the format the rewards expect, not a bare final answer)."""
+    given = cfg.chord_sft_dataset or (["demo"] if all(is_demo(n) for n in cfg.dataset) else [])
+    if given:
+        specs = [data.demo_path("sft", "train") + n[4:] if is_demo(n) else n for n in given]
+        expert = data.load_dataset(specs, "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
+    else:
+        missing = [train[i].source for i in kept if train[i].extra.get("solution") is None]
+        if missing:
+            raise SystemExit(f"{missing[0]}: no `solution` to use as the expert reply ({len(missing)} record(s) lack one); "
+                             f"give the expert data with --chord_sft_dataset")
+        expert = [data.Sample(train[i].messages + [{"role": "assistant", "content": str(train[i].extra["solution"])}],
+                              train[i].images, train[i].videos, source=train[i].source) for i in kept]
+    # encoded once up front, each process taking a share, as the prompts are: bad records are found now
+    shard = list(range(rank, len(expert), world_size))
+    usable, lengths, _ = data.measure_lengths([expert[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers,
+                                              EXPERT)
+    measured = gather_lists({"kept": [shard[i] for i in usable], "lengths": lengths}, distributed)
+    pairs = sorted(zip(measured["kept"], measured["lengths"]))
+    return expert, [i for i, _ in pairs], [n for _, n in pairs]
+
+
+def next_expert_batch(expert_plan, state):
+    """This process's next expert micro-batch (sample indices). The order is shuffled with (seed, epoch) as in
+    train_sft.py; state["sft_cursor"] counts the micro-batches taken this epoch, so a resumed run continues exactly."""
+    plan = expert_plan(state["sft_epoch"])
+    if state["sft_cursor"] >= len(plan):
+        state["sft_epoch"], state["sft_cursor"] = state["sft_epoch"] + 1, 0
+        plan = expert_plan(state["sft_epoch"])
+    state["sft_cursor"] += 1
+    return plan[state["sft_cursor"] - 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: the policy; the reference is the policy with its adapters off (LoRA) or a frozen copy (full; none if beta 0)
+
+def load_model(cfg, device, distributed, weights=None, reference=False):
+    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied;
+    or, with reference=True, a frozen copy of cfg.model in eval mode (it only scores)."""
+    from transformers import AutoModelForImageTextToText
+
+    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
+    # autocast; CPU: fp32 throughout
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
+                                                        attn_implementation=cfg.attn_implementation)
+    model.config.use_cache = False
+    if reference:
+        return model.requires_grad_(False).eval().to(device), 0, 0
+    if cfg.train_type == "lora":
+        targets = cfg.target_modules
+        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
+    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
+    for p in model.parameters():
+        if p.requires_grad:  # AdamW on bf16 weights loses small updates (RL's are small): trainable weights in fp32
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), trainable, total
+
+
+def shard_model(model, cfg, device, reference=False):
+    """FSDP2: one unit per decoder layer and per vision block, then the root. bf16 compute, fp32 gradient reduction,
+    fp32 sharded master weights for the optimizer (the reference keeps its dtype: it has no optimizer)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+              "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
+    if cfg.offload_optimizer and not reference:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if not reference:
+        model.float()
+    for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout: the interface a generation backend satisfies (prompt samples in; completion token ids and texts out)
+
+def stop_tokens(encoder):
+    """Completions end at Qwen's end-of-turn token; <|endoftext|> also stops a base model."""
+    return [t for t in (encoder.im_end, encoder.tokenizer.convert_tokens_to_ids("<|endoftext|>")) if t is not None]
+
+
+def truncated(completion_ids, encoder):
+    return completion_ids[-1] not in stop_tokens(encoder)
+
+
+@torch.no_grad()
+def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, prompts=None):
+    """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
+    --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
+    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. One batched generate with a
+    KV cache over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
+    repeated. `prompts`: the samples already encoded. Sampling draws from the global torch RNG, which the training
+    loop reseeds every step. A vLLM backend would take the same samples and return the same two lists."""
+    from transformers import GenerationConfig
+
+    prompts = prompts or [encoder.encode(s, **PROMPT) for s in samples]
+    rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
+    tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
+    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                      repetition_penalty=cfg.repetition_penalty)
+    # a fresh config: a checkpoint's own (Qwen's: top_k 1, temperature 0.1 ...) must not leak in. Vision placeholders
+    # are never sampled: the model would look for an image that is not there
+    vision_tokens = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    generation_config = GenerationConfig(max_new_tokens=cfg.max_completion_length, do_sample=not greedy, eos_token_id=stop,
+                                         pad_token_id=pad, suppress_tokens=vision_tokens, **sampling)
+    was_training = model.training
+    model.eval()
+    completion_ids = []
+    size = cfg.generation_batch_size or len(rows)
+    for start in range(0, len(rows), size):
+        part = rows[start : start + size]
+        width = max(len(e["input_ids"]) for e in part)
+        input_ids = torch.full((len(part), width), pad)
+        attention_mask = torch.zeros((len(part), width), dtype=torch.long)
+        for row, e in enumerate(part):
+            input_ids[row, width - len(e["input_ids"]):] = e["input_ids"]
+            attention_mask[row, width - len(e["input_ids"]):] = 1
+        vision = {k: torch.cat([e[k] for e in part if k in e]).to(device) for k in data.VISION_KEYS if any(k in e for e in part)}
+        mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 mm_token_type_ids=mm_token_type_ids.to(device), **vision, generation_config=generation_config,
+                                 synced_gpus=synced, use_cache=True)
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))  # up to the first stop, padding after
+            completion_ids.append(row[:end])
+    model.train(was_training)
+    model.config.use_cache = False
+    return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards and advantages
+
+def score(samples, completion_ids, texts, cfg, num_generations):
+    """Rewards of completions (num_generations per sample, prompt-major). Columns: every record field repeated per
+    completion, plus prompts, images, completion_lengths, max_completion_length. -> (total [N], per-function lists)."""
+    repeat = lambda values: [v for v in values for _ in range(num_generations)]
+    columns = {k: repeat([s.extra.get(k) for s in samples]) for k in sorted({k for s in samples for k in s.extra})}
+    columns.update(prompts=repeat([s.messages for s in samples]), images=repeat([s.images for s in samples]),
+                   completion_lengths=[len(c) for c in completion_ids], max_completion_length=cfg.max_completion_length)
+    total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns)
+    return torch.tensor(total, dtype=torch.float32), per_function
+
+
+def group_advantages(rewards, num_generations, scale_rewards="group"):
+    """GRPO's group-relative advantage with outcome rewards (Shao et al. 2024, DeepSeekMath §4.1.2):
+    A_i = (r_i - mean(group)) / (std(group) + 1e-4), for every token of completion i; the group mean is the baseline,
+    so no value model is needed. rewards: [N], each prompt's completions consecutive. scale_rewards: group (as
+    written), batch (the std of all N rewards: groups that barely differ are not blown up) or none (Dr. GRPO, Liu et al.
+    2025 §3.1: dividing by the group std weights too-easy and too-hard prompts up)."""
+    grouped = rewards.view(-1, num_generations)
+    centred = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    if scale_rewards == "none":
+        return centred
+    if scale_rewards == "group":
+        std = grouped.std(1).repeat_interleave(num_generations)
+    elif scale_rewards == "batch":
+        std = rewards.std()
+    else:
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
+    return centred / (std + 1e-4)
+
+
+def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed):
+    """This process's prompts of one step -> completions, rewards, advantages. With --dynamic_sample, groups whose
+    rewards all agree (zero advantage: no signal) are replaced by groups of new prompts, for up to max_resample_times
+    more rounds (DAPO §3.2); when rounds run out, agreeing groups fill the batch with no loss on them.
+    -> (the batch to train on, every completion generated: for the log)."""
+    G = cfg.num_generations
+    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
+    informative, agreeing, generated = [], [], {"reward": [], "completion_length": [], "truncated": [], "zero_std_groups": []}
+    for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
+        samples = [train[i] for i in next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size)]
+        prompts = [encoder.encode(s, **PROMPT) for s in samples]
+        completion_ids, texts = rollout(model, encoder, samples, cfg, device, synced=distributed, prompts=prompts)
+        total, per_function = score(samples, completion_ids, texts, cfg, G)
+        generated["reward"] += total.tolist()
+        for name, values in per_function.items():
+            generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
+        generated["completion_length"] += [len(c) for c in completion_ids]
+        generated["truncated"] += [float(truncated(c, encoder)) for c in completion_ids]
+        for j, sample in enumerate(samples):
+            group = slice(j * G, (j + 1) * G)
+            g = {"sample": sample, "prompt": prompts[j], "completion_ids": completion_ids[group], "texts": texts[group],
+                 "rewards": total[group], "per_function": {k: v[group] for k, v in per_function.items()}}
+            spread = bool(g["rewards"].max() > g["rewards"].min())
+            generated["zero_std_groups"].append(float(not spread))
+            (informative if spread or not cfg.dynamic_sample else agreeing).append(g)
+        need_more = torch.tensor(float(len(informative) < prompts_per_rank), device=device)
+        if not cfg.dynamic_sample or not all_reduce(need_more, distributed, "max").item():
+            break  # every process runs the same number of rounds: generate() is a collective under FSDP
+    groups = (informative + agreeing)[:prompts_per_rank]
+    batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
+             "rewards": torch.cat([g["rewards"] for g in groups]), "rounds": rounds}
+    # advantages over the global batch (a group never straddles processes; "batch" scaling needs every reward)
+    everything = torch.tensor(gather_lists({"r": batch["rewards"].tolist()}, distributed)["r"])
+    n = len(batch["rewards"])
+    batch["advantages"] = group_advantages(everything, G, cfg.scale_rewards)[rank * n : (rank + 1) * n]
+    keep = torch.ones(n, dtype=torch.bool)
+    if cfg.dynamic_sample:  # agreeing groups that only fill the batch carry no loss
+        keep &= torch.tensor([bool(g["rewards"].max() > g["rewards"].min()) for g in groups for _ in range(G)])
+    if cfg.overlong_filter:  # a cut completion's reward judges an unfinished answer: no loss on it (DAPO §3.4)
+        keep &= torch.tensor([not truncated(c, encoder) for c in batch["completion_ids"]])
+    batch["keep"] = keep
+    return batch, generated
+
+
+def rollout_metrics(batch, generated, distributed):
+    """Means (and stds of rewards and advantages) over every process's completions, the longest completion."""
+    values = gather_lists({**generated, "advantage": batch["advantages"].tolist()}, distributed)
+    out = {}
+    for name, v in values.items():
+        if v:
+            out[name] = sum(v) / len(v)
+            if name.startswith("reward") or name == "advantage":
+                out[name + "_std"] = torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0
+    out["completion_length_max"] = float(max(values["completion_length"]))
+    out["rollout_rounds"] = batch["rounds"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsilon_high, loss_type,
+              importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None):
+    """The clipped surrogate loss of GRPO and its variants -> (loss, metrics).
+
+    logps, old_logps, ref_logps, mask: [B, T] per completion token (old: the policy that sampled the completions;
+    ref: the reference, None when beta == 0); advantages: [B], one per completion.
+    Ratio: per token r_t = exp(logp_t - old_t) (PPO; GRPO, Shao et al. 2024 eq. 3), or per sequence (GSPO, Zheng et
+    al. 2025 §4) s = exp(mean_t(logp_t - old_t)), the geometric mean of a completion's token ratios, for every token.
+    Per-token loss: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t (GRPO eq. 3 with DAPO's decoupled
+    clip-higher bound, Yu et al. 2025 eq. 10); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
+    2025, eq. 4: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
+    ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...)).
+    KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
+    Aggregation (loss_type), with S = the sum of per-token loss * mask:
+      grpo     mean over each completion's tokens, then over the B completions (GRPO eq. 3)
+      bnpo     S / tokens of this batch
+      dr_grpo  S / (B * max_completion_length): a constant, so no bias towards long or short completions (Dr. GRPO)
+      dapo     S / num_items_in_batch: the completion tokens of the whole global batch, every process and accumulation
+               step (counted before the first backward), so a token weighs the same however the batch is split
+               (DAPO eq. 12); None: this batch's tokens
+      cispo    as dapo (MiniMax-M1 eq. 4 normalises by the batch's tokens)
+    With old_logps = logps.detach() (num_iterations 1) the ratio is 1 and the gradient is REINFORCE with the group mean
+    as the baseline: d loss / d logp_t = -A / normaliser.
+    Metrics: kl (token mean; 0 when beta is 0); clip_low, clip_high, clip_region: the fraction of tokens whose gradient
+    the clip removed (ratio below 1 - epsilon with A < 0, above 1 + epsilon_high with A > 0; cispo: weight capped)."""
+    mask = mask.to(logps.dtype)
+    advantages = advantages[:, None]
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1))[:, None]
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio).expand_as(logps)
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(ratio, max=1 + epsilon_high).detach() * advantages * logps
+        clipped_low, clipped_high = torch.zeros_like(ratio, dtype=torch.bool), ratio > 1 + epsilon_high
+    else:
+        per_token_loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages)
+        clipped_low, clipped_high = (ratio < 1 - epsilon) & (advantages < 0), (ratio > 1 + epsilon_high) & (advantages > 0)
+    kl = torch.zeros_like(logps)
+    if beta != 0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token_loss = per_token_loss + beta * kl
+    summed = (per_token_loss * mask).sum()
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = summed / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type dr_grpo needs max_completion_length")
+        loss = summed / (logps.shape[0] * max_completion_length)
+    elif loss_type in ("dapo", "cispo"):
+        loss = summed / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+    else:
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo, dapo or cispo, got {loss_type!r}")
+    mean = lambda x: ((x.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
+    return loss, {"kl": mean(kl), "clip_low": mean(clipped_low), "clip_high": mean(clipped_high),
+                  "clip_region": mean(clipped_low | clipped_high)}
+
+
+def chord_mu(step, warmup_steps, decay_steps, peak, valley):
+    """CHORD-mu's weight of the SFT loss at optimizer step `step` (0 = before the first update): linear from 0 to
+    `peak` over warmup_steps, then a cosine from `peak` down to `valley` over decay_steps, then `valley`:
+        mu = peak * step / warmup                                                    step < warmup
+        mu = valley + (peak - valley) * (1 + cos(pi * (step - warmup) / decay)) / 2  warmup <= step < warmup + decay
+        mu = valley                                                                  after
+    This is the schedule of the CHORD authors' code (Trinity-RFT's mu_schedule_function, which ms-swift copies and
+    calls with the number of steps done): CHORD-mu (Zhang et al. 2025) starts mu high, to imitate the expert, and
+    lowers it to a small valley, to explore; held at the valley, the expert data stays on as a regulariser."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    if step >= warmup_steps + decay_steps:
+        return valley
+    return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
+
+
+def chord_sft_loss(logps, mask, enable_phi_function, num_items_in_batch=None):
+    """The SFT part of CHORD: the token-mean negative log-likelihood of the expert replies.
+    logps, mask: [B, T] per expert-reply token. CHORD-phi (Zhang et al. 2025): each token's -log p is weighted by
+    phi = p (1 - p) of its own probability, detached (as in the authors' Trinity-RFT code), so tokens the model already
+    knows (p near 1) and tokens it finds very unlikely (p near 0: learning them would pull the policy far from itself)
+    both count little, and the tokens it is unsure of count most; the sum is still
+    divided by the number of tokens, not by the sum of the weights, so phi also lowers the SFT part's overall size.
+    num_items_in_batch: the expert tokens of the whole global batch (every process and micro-batch, counted before
+    the first backward), so that a split batch gives the same gradient; None: this batch's tokens.
+    Gradient: d loss / d logp_t = -phi_t / n (phi_t = 1 without phi)."""
+    mask = mask.to(logps.dtype)
+    per_token_loss = -logps
+    if enable_phi_function:
+        p = logps.detach().exp()
+        per_token_loss = per_token_loss * (p * (1 - p))  # tokens the model knows, or finds absurd, weigh little
+    return (per_token_loss * mask).sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+
+
+# Log-probabilities of completion tokens: prompt + completion packed into one row, the vocabulary projected for the
+# completion positions only and the fp32 log-softmax taken in chunks (recomputed in backward).
+
+def model_inputs(batch, device):
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+
+
+def chunk_logps(logits, targets):
+    logps = logits.float().log_softmax(-1)
+    with torch.no_grad():  # the policy's entropy at each token, for the log: one more pass over a chunk in memory
+        entropy = -(logps.exp() * logps).sum(-1)
+    return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
+
+
+def token_logps(model, batch, device, chunk_size=1024):
+    """-> (log-probabilities of the labelled tokens [N], their entropies [N]), in order."""
+    labels = batch["labels"].to(device)
+    keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
+    targets = labels[:, keep]
+    mask = targets != data.IGNORE
+    logits, targets = logits[mask], targets[mask]
+    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
+           for i in range(0, len(targets), chunk_size)]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def completion_example(prompt, completion_ids, encoder):
+    """Prompt + completion -> an Example whose labels are the completion tokens (shifted, as data.py's: labels[t] is
+    the target of position t), with the model's multimodal positions for the whole sequence."""
+    completion = torch.tensor(completion_ids, dtype=prompt["input_ids"].dtype)
+    example = {k: v for k, v in prompt.items() if k in data.VISION_KEYS or k == "second_per_grid_ts"}
+    example["input_ids"] = torch.cat([prompt["input_ids"], completion])
+    example["labels"] = torch.full_like(example["input_ids"], data.IGNORE)
+    n = len(prompt["input_ids"])
+    example["labels"][n - 1 : n - 1 + len(completion)] = completion
+    return encoder.add_positions(example)
+
+
+def completion_logps(model, examples, lengths, device):
+    """One packed forward of prompt + completion examples -> (logps, entropy, mask), each [B, longest completion]."""
+    flat_logps, flat_entropy = token_logps(model, data.collate(examples, packing=True), device)
+    lengths = torch.tensor(lengths, device=device)
+    mask = torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None]
+    zeros = flat_logps.new_zeros(mask.shape)
+    return zeros.masked_scatter(mask, flat_logps), zeros.masked_scatter(mask, flat_entropy), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step: a rollout's completions -> micro-batches -> num_iterations optimizer steps, each with expert micro-batches
+
+def micro_batches(batch, encoder, cfg, device):
+    """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order."""
+    size, micro = cfg.per_device_train_batch_size, []
+    for start in range(0, len(batch["completion_ids"]), size):
+        ids = batch["completion_ids"][start : start + size]
+        prompts = [batch["groups"][(start + k) // cfg.num_generations]["prompt"] for k in range(len(ids))]
+        micro.append({"examples": [completion_example(p, c, encoder) for p, c in zip(prompts, ids)],
+                      "lengths": [len(c) for c in ids], "advantages": batch["advantages"][start : start + size].to(device),
+                      "keep": batch["keep"][start : start + size].to(device)})
+    return micro
+
+
+@torch.no_grad()
+def fixed_logps(model, reference, micro, cfg, device):
+    """What stays fixed while a rollout is trained on, computed in eval mode: the sampling policy's logps (only for
+    num_iterations > 1: otherwise the policy has not moved, and the loss takes the detached current ones) and the
+    reference's (beta != 0)."""
+    model.eval()
+    for mb in micro:
+        if cfg.num_iterations > 1:
+            mb["old_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device)[0]
+        if cfg.beta != 0 and reference is not None:
+            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device)[0]
+        elif cfg.beta != 0:
+            with lora.disable_adapters(model):
+                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device)[0]
+    model.train()
+
+
+def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device, world_size, distributed):
+    """Forward and backward every GRPO micro-batch, each followed by its expert micro-batch (encoded examples), then
+    one optimizer step on the gradient of (1 - mu) * L_GRPO + mu * L_SFT. -> the loss metrics of the global batch."""
+    dapo_like = cfg.loss_type in ("dapo", "cispo")
+    # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
+    tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
+    num_items = all_reduce(torch.tensor(float(tokens), device=device), distributed).clamp(min=1)
+    # the SFT part: a token mean over the expert replies of the whole global batch, counted before any backward too
+    reply_lengths = [[int((e["labels"] != data.IGNORE).sum()) for e in examples] for examples in expert_micro]
+    sft_items = all_reduce(torch.tensor(float(sum(map(sum, reply_lengths))), device=device), distributed).clamp(min=1)
+    # grpo loss, then token-weighted kl, clip low/high/region, entropy; tokens; sft loss, sft nll
+    sums = torch.zeros(9, device=device)
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        if distributed:  # reduce gradients once per step, at its last backward: the SFT one, unless mu is 0
+            model.set_requires_gradient_sync(last and mu == 0)
+        logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device)
+        mask = mask & mb["keep"][:, None]
+        loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
+                            cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
+                            cfg.max_completion_length, num_items if dapo_like else None)
+        if not dapo_like:
+            loss = loss / (len(micro) * world_size)  # the mean over every micro-batch of every process
+        ((1 - mu) * loss * world_size).backward()  # FSDP averages gradients over processes
+        n = mask.sum()
+        sums[:7] += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
+                                 (entropy * mask).sum(), n.float()])
+        # the SFT part on this micro-batch's expert examples; with mu 0 it is only measured, for the log
+        if distributed:
+            model.set_requires_gradient_sync(last)
+        with torch.set_grad_enabled(mu > 0):
+            logps, _, mask = completion_logps(model, expert_micro[i], reply_lengths[i], device)
+            sft_loss = chord_sft_loss(logps, mask, cfg.chord_enable_phi_function, sft_items)
+        if mu > 0:
+            (mu * sft_loss * world_size).backward()
+        sums[7:] += torch.stack([sft_loss.detach(), (-logps.detach() * mask).sum() / sft_items])
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    grpo, kl, low, high, region, entropy, n, sft, sft_nll = all_reduce(sums, distributed).tolist()
+    n = max(n, 1.0)
+    return {"loss": (1 - mu) * grpo + mu * sft, "mu": mu, "grpo_loss": grpo, "sft_loss": sft, "sft_nll": sft_nll,
+            "kl": kl / n, "clip_low": low / n, "clip_high": high / n, "clip_region": region / n,
+            "entropy": entropy / n, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+            "lr": scheduler.get_last_lr()[0]}
+
+
+def completion_rows(batch, step):
+    """completions.jsonl rows: the prompt, the completion, each reward and the advantage."""
+    rows = [{"step": step, "prompt": g["sample"].messages[-1]["content"], "images": g["sample"].images, "completion": text,
+             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()}}
+            for g in batch["groups"] for k, text in enumerate(g["texts"])]
+    for row, advantage in zip(rows, batch["advantages"].tolist()):
+        row["advantage"] = advantage
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, evaluation, checkpoints
+
+def lr_lambda(cfg, total_steps):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+
+    def schedule(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.lr_scheduler_type == "linear":
+            return 1 - progress
+        return 1.0
+
+    return schedule
+
+
+def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
+    """Greedy completions of the first eval_limit held-out prompts -> mean reward, and accuracy (rewards.accuracy
+    against `solution`) over the records that have one."""
+    samples = val[: cfg.eval_limit]
+    mine, size = samples[rank::world_size], cfg.per_device_train_batch_size
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward sum, prompts, correct, prompts with a solution
+    for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), size):
+        chunk = mine[i : i + size] or samples[:1]  # every process runs the same number of generate calls
+        completion_ids, texts = rollout(model, encoder, chunk, cfg, device, synced=distributed, greedy=True)
+        if mine[i : i + size]:
+            total, _ = score(chunk, completion_ids, texts, cfg, 1)
+            correct = [c for c in rewards.accuracy(texts, solution=[s.extra.get("solution") for s in chunk]) if c is not None]
+            sums += torch.tensor([total.sum().item(), len(chunk), sum(correct), len(correct)], dtype=torch.float64, device=device)
+    reward, prompts, correct, with_solution = all_reduce(sums, distributed).tolist()
+    return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {})}
+
+
+def checkpoint_dirs(output_dir):
+    """Complete checkpoints only (a half-written one is still named *.tmp), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
+
+
+NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".index.json", "config.json", "trainer_state.json")
+
+
+def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
+    """checkpoint-STEP/: the model (Hugging Face format) or the adapter (PEFT format), the tokenizer and processor
+    files, and what an exact resume needs: optimizer, scheduler, and step / epoch / cursor of the prompts and of the
+    expert data (sampling is reseeded from the step, so no RNG state). Written to .tmp, then renamed: a crash never
+    leaves one that looks complete."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
+    if rank == 0:
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.train_type == "lora":
+            lora.save_adapter(model, tmp, state_dict=model_state, base_model_name_or_path=cfg.model)
+        else:
+            model.save_pretrained(tmp, state_dict=model_state)
+        base = data.resolve_model(cfg.model)
+        for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
+            if not name.endswith(NOT_COPIED) and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
+                shutil.copy(os.path.join(base, name), tmp)
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(tmp, final)
+        # keep the latest and the best by eval reward, up to save_total_limit
+        dirs, scores = checkpoint_dirs(cfg.output_dir), {}
+        for d in dirs:
+            with open(os.path.join(d, "trainer_state.json")) as f:
+                reward = json.load(f).get("eval_reward")
+            scores[d] = -reward if reward is not None else float("inf")
+        keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
+        for d in dirs:
+            if d not in keep and cfg.save_total_limit > 0:
+                shutil.rmtree(d, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, cfg):
+    """What loading the model did not restore: the adapter (LoRA), optimizer, scheduler. -> trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model
+        set_model_state_dict(model, lora.read_adapter_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
+    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(saved["scheduler"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    distributed, rank, world_size, device = setup_distributed()
+    master = rank == 0
+    start_time = time.time()
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if master:
+        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    for path in cfg.reward_plugin:
+        names = rewards.load_reward_plugin(path)
+        if master:
+            print(f"rewards from {path}: {', '.join(names)}")
+
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
+    model, trainable, total = load_model(cfg, device, distributed, weights=resume if cfg.train_type == "full" else None)
+    # the reference: LoRA turns its adapters off (lora.disable_adapters); full fine-tuning keeps a frozen copy
+    reference = load_model(cfg, device, distributed, reference=True)[0] if cfg.beta != 0 and cfg.train_type == "full" else None
+    if distributed:
+        model = shard_model(model, cfg, device)
+        reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
+    vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
+    expert, expert_kept, expert_lengths = load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed)
+    expert_plan = lambda epoch: data.make_plan(expert_kept, expert_lengths, cfg.chord_sft_per_device_train_batch_size,
+                                               False, cfg.max_length, cfg.seed, epoch, rank, world_size)
+    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    rollouts_per_epoch = max(len(kept) // (prompts_per_rank * world_size), 1)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * rollouts_per_epoch * cfg.num_iterations)
+
+    groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  fused=device.type == "cuda" and not cfg.offload_optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    state = {"step": 0, "epoch": 0, "cursor": 0, "sft_epoch": 0, "sft_cursor": 0, "eval_reward": None}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, scheduler, cfg)
+        if master:
+            print(f"resumed from {resume} at step {state['step']}")
+    if master:
+        experts_per_step = cfg.chord_sft_per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+        print(f"{len(kept)} prompts, {len(expert_kept)} expert examples, {len(val)} held out; {prompts_per_rank * world_size} "
+              f"prompts x {cfg.num_generations} completions and {experts_per_step} expert examples per step, {total_steps} "
+              f"steps; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); "
+              f"{world_size} process(es) on {device.type}")
+    tracker = None
+    if master and cfg.report_to == "wandb":
+        import wandb
+
+        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
+    elif master and cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tracker = SummaryWriter(cfg.output_dir)
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+    completions_file = open(os.path.join(cfg.output_dir, "completions.jsonl"), "a") if master and cfg.log_completions else None
+
+    def log(metrics):
+        if not master:
+            return
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+        if cfg.report_to == "wandb":
+            tracker.log(metrics, step=metrics["step"])
+        elif cfg.report_to == "tensorboard":
+            for k, v in metrics.items():
+                tracker.add_scalar(k, v, metrics["step"])
+
+    evals = []  # every eval of this run, for the summary at the end
+
+    def run_eval():
+        result = evaluate(model, val, encoder, cfg, device, rank, world_size, distributed)
+        state["eval_reward"] = result["eval_reward"]
+        log({"step": state["step"], **result})
+        evals.append(result)
+        return result
+
+    first_eval = run_eval() if val and cfg.eval_on_start and state["step"] == 0 else None
+    model.train()
+    window = []  # the metrics of each step since the last log line
+    while state["step"] < total_steps:
+        # every random draw of this rollout and its updates (sampling, dropout, a random reward) follows from
+        # (seed, step, process): a run is reproducible and a resumed run continues exactly
+        step_seed = (cfg.seed * 1_000_003 + state["step"]) * 1009 + rank
+        torch.manual_seed(step_seed)
+        random.seed(step_seed)
+        start = time.time()
+        batch, generated = make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed)
+        if cfg.log_completions:
+            rows = gather_lists({"rows": completion_rows(batch, state["step"])}, distributed)["rows"]
+            if master:
+                completions_file.writelines(json.dumps(r) + "\n" for r in rows)
+                completions_file.flush()
+        micro = micro_batches(batch, encoder, cfg, device)
+        fixed_logps(model, reference, micro, cfg, device)
+        stats = {**rollout_metrics(batch, generated, distributed), "rollout_s": time.time() - start}
+        for _ in range(cfg.num_iterations):
+            start = time.time()
+            mu = chord_mu(state["step"], cfg.chord_mu_warmup_steps, cfg.chord_mu_decay_steps, cfg.chord_mu_peak,
+                          cfg.chord_mu_valley)
+            # one expert micro-batch next to each GRPO micro-batch (as ms-swift draws them), taken whatever mu is
+            expert_micro = [[encoder(expert[j], **EXPERT) for j in next_expert_batch(expert_plan, state)] for _ in micro]
+            window.append({**stats, **train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device,
+                                                 world_size, distributed), "train_s": time.time() - start})
+            stats["rollout_s"] = 0.0  # later iterations reuse the rollout
+            state["step"] += 1
+            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+                averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
+                            for k in window[0]}
+                log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged})
+                window = []
+            if state["step"] >= total_steps:
+                break
+        # evaluate and save at rollout boundaries (every step when num_iterations is 1)
+        due = lambda every: every > 0 and (state["step"] // every > (state["step"] - cfg.num_iterations) // every
+                                           or state["step"] >= total_steps)
+        if val and due(cfg.eval_steps):
+            run_eval()
+        if due(cfg.save_steps):
+            save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
+    if master:
+        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
+        for key in ("eval_reward", "eval_accuracy"):
+            if first_eval is not None and len(evals) > 1 and key in evals[-1]:
+                print(f"held-out {key[5:]} (greedy, {min(len(val), cfg.eval_limit)} prompts): start {first_eval[key]:.3f} "
+                      f"-> end {evals[-1][key]:.3f} ({evals[-1][key] - first_eval[key]:+.3f})")
+    if distributed:
+        dist.destroy_process_group()
+    return state
+
+
+if __name__ == "__main__":
+    main()
