@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+import rewards
 import train_grpo
 from train_grpo import grpo_loss, group_advantages
 
@@ -168,7 +169,8 @@ def test_main_writes_metrics_completions_and_checkpoints(three_steps):
     assert len(completions) == 3 * 8
     assert {"prompt", "completion", "reward", "reward/accuracy", "advantage", "images"} <= completions[0].keys()
     last = os.path.join(three_steps, "checkpoint-3")
-    assert {"model.safetensors", "config.json", "tokenizer.json", "training_state.pt", "trainer_state.json"} <= set(os.listdir(last))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+            "chat_template.jinja", "training_state.pt", "trainer_state.json"} <= set(os.listdir(last))
 
 
 def test_resume_continues_exactly(three_steps, tmp_path):
@@ -190,9 +192,10 @@ def test_resume_continues_exactly(three_steps, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_lora_reference_iterations_and_dapo_options(tmp_path):
+def test_lora_reference_iterations_and_dapo_options(tmp_path, monkeypatch):
     """The other code paths: LoRA with the adapters-off reference (beta > 0), old logps for num_iterations 2,
     GSPO with the dapo normaliser, dynamic sampling with a reward that always has spread."""
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the plugin must not outlive this test
     plugin = tmp_path / "spread.py"
     plugin.write_text("def spread(completions, **kwargs):\n    return [float(i % 2) for i in range(len(completions))]\n")
     out = str(tmp_path / "lora")
