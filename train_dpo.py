@@ -3,9 +3,10 @@ train_dpo.py: Direct Preference Optimization (DPO) of Qwen-VL models, LoRA or fu
 
     python train_sft.py --max_steps 60 --output_dir outputs/sft_short     # demo, step 1: a short SFT checkpoint
     python train_dpo.py --model outputs/sft_short/checkpoint-60           # demo, step 2: DPO on CPU, under 3 minutes
-    python train_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset pairs.jsonl --lora_rank 32 --learning_rate 1e-4
+    python train_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset pairs.jsonl --train_type lora --lora_rank 32 \
+        --freeze_vit true --learning_rate 5e-5                            # LoRA: the reference is the adapters-off model
     torchrun --nproc_per_node 8 train_dpo.py --config dpo.yaml            # FSDP2 over 8 GPUs
-    python train_dpo.py --train_type full --precompute_ref_logps true ... # full fine-tuning with no reference in memory
+    python train_dpo.py --model ... --dataset ... --precompute_ref_logps true  # full fine-tuning, no reference in memory
 
 Pairs come in any format of data.py (ms-swift `rejected_response`, `chosen`/`rejected`); both replies share the
 prompt and its images. The chosen and rejected sequences of a micro-batch's pairs go through one packed forward pass
@@ -37,7 +38,8 @@ import lora
 class Config:
     # model and data
     model: str = "outputs/sft_short/checkpoint-60"  # a checkpoint folder (the demo's SFT run), hub id or tiny model name
-    dataset: list[str] = field(default_factory=lambda: ["demo"])  # pair files, each optionally `file%50` or `file#2000`
+    dataset: list[str] = field(default_factory=lambda: ["demo"])  # pair files, each optionally `file%50` or `file#2000`;
+    # "demo": 960 of the demo task's pairs, one epoch of which is the CPU demo (120 steps, under 3 minutes on 2 cores)
     val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo task's held-out pairs
     split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
     media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
@@ -59,17 +61,17 @@ class Config:
     # chosen replies likely: plain DPO lowers both sides' log-probabilities, and on the demo that breaks the replies
     precompute_ref_logps: bool = False  # one reference pass before training, then no reference model in memory
     # what is trained
-    train_type: str = "lora"  # lora | full
+    train_type: str = "full"  # full | lora
     lora_rank: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.0  # 0: the policy at step 0 equals the reference exactly
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names, or one regex
     use_rslora: bool = False
-    freeze_vit: bool = True
-    freeze_aligner: bool = True
+    freeze_vit: bool = False
+    freeze_aligner: bool = False
     freeze_llm: bool = False
     # optimisation
-    learning_rate: float = 3e-3  # the demo's; real models want ~5e-7 (full) or ~5e-6 to 1e-4 (LoRA)
+    learning_rate: float | None = None  # default: the demo's, 5e-4 (full) / 3e-3 (LoRA); real models want ~5e-7 / ~5e-5
     lorap_lr_ratio: float | None = None  # LoRA+: B matrices learn at this multiple of the learning rate
     vit_lr: float | None = None
     aligner_lr: float | None = None
@@ -84,7 +86,7 @@ class Config:
     per_device_train_batch_size: int = 8  # pairs per micro-batch, packed into one row (2x that many sequences)
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
-    max_steps: int = 150  # overrides num_train_epochs when > 0 (the demo's; -1 to train num_train_epochs)
+    max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     seed: int = 42
@@ -94,7 +96,7 @@ class Config:
     # evaluation, logging, checkpoints
     output_dir: str = "outputs/dpo"
     logging_steps: int = 10
-    eval_steps: int = 50
+    eval_steps: int = 40
     eval_generate: int = 100  # exact match of greedy replies with the chosen replies of up to this many val pairs (0: off)
     max_new_tokens: int = 16  # for eval_generate
     save_steps: int = 500  # also saves at the end; 0 saves nothing (for benchmarks)
@@ -125,6 +127,8 @@ def parse_config(argv=None):
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     if cfg.loss_type not in ("sigmoid", "ipo", "hinge"):
         raise SystemExit(f"--loss_type {cfg.loss_type!r}: choose sigmoid, ipo or hinge")
+    if cfg.learning_rate is None:
+        cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 5e-4
     return cfg
 
 
@@ -186,7 +190,7 @@ def all_reduce_sum(x, distributed):
 
 def load_data(cfg, encoder, rank, world_size, distributed):
     def specs(names, split):  # `--val_dataset ""` gives no validation set
-        return [data.demo_path("dpo", split) if n == "demo" else n for n in names if n]
+        return [data.demo_path("dpo", split) + ("#960" if split == "train" else "") if n == "demo" else n for n in names if n]
 
     load = lambda names, split: data.load_dataset(specs(names, split), "dpo", cfg.seed, cfg.media_root, cfg.skip_bad_records)
     train = load(cfg.dataset, "train")

@@ -128,7 +128,7 @@ def read_metrics(out):
 
 
 def test_lora_run_writes_adapter_and_metrics(tmp_path):
-    train_dpo.main(run_args(tmp_path, "--max_steps", "2", "--learning_rate", "1e-2", "--rpo_alpha", "0"))
+    train_dpo.main(run_args(tmp_path, "--max_steps", "2", "--train_type", "lora", "--learning_rate", "1e-2", "--rpo_alpha", "0"))
     metrics = read_metrics(tmp_path)
     train = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
