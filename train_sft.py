@@ -346,7 +346,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
             model.save_pretrained(tmp, state_dict=model_state)
         base = data.resolve_model(cfg.model)
         for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if not name.endswith((".safetensors", ".safetensors.index.json", ".bin")) and name not in ("config.json", "generation_config.json") \
+            if not name.endswith((".safetensors", ".safetensors.index.json", ".bin")) and name not in ("config.json", "generation_config.json", "training_state.pt", "trainer_state.json") \
                     and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
