@@ -433,8 +433,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
     Ratio: per token r_t = exp(logp_t - old_t) (PPO; GRPO, Shao et al. 2024 eq. 3), or per sequence (GSPO, Zheng et
     al. 2025 §4) s = exp(mean_t(logp_t - old_t)), the geometric mean of a completion's token ratios, for every token.
     Per-token loss: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t (GRPO eq. 3 with DAPO's decoupled
-    clip-higher bound, Yu et al. 2025 eq. 10); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
-    2025, eq. 4: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
+    clip-higher bound, Yu et al. 2025 §3.1); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
+    2025 §3.1: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
     ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...)).
     KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
     Aggregation (loss_type), with S = the sum of per-token loss * mask:
@@ -443,8 +443,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
       dr_grpo  S / (B * max_completion_length): a constant, so no bias towards long or short completions (Dr. GRPO)
       dapo     S / num_items_in_batch: the completion tokens of the whole global batch, every process and accumulation
                step (counted before the first backward), so a token weighs the same however the batch is split
-               (DAPO eq. 12); None: this batch's tokens
-      cispo    as dapo (MiniMax-M1 eq. 4 normalises by the batch's tokens)
+               (DAPO §3.3); None: this batch's tokens
+      cispo    as dapo (MiniMax-M1's objective normalises by the batch's tokens)
     With old_logps = logps.detach() (num_iterations 1) the ratio is 1 and the gradient is REINFORCE with the group mean
     as the baseline: d loss / d logp_t = -A / normaliser.
     Metrics: kl (token mean; 0 when beta is 0); clip_low, clip_high, clip_region: the fraction of tokens whose gradient
