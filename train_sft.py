@@ -31,7 +31,7 @@ class Config:
     # model and data
     model: str = "tiny-qwen2.5-vl"  # local path, hub id, or tiny-qwen2.5-vl / tiny-qwen3-vl
     dataset: list[str] = field(default_factory=lambda: ["demo"])  # files, each optionally `file%50` or `file#2000`
-    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo task's held-out split
+    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo's held-out split (demo runs only)
     split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
     media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
     skip_bad_records: bool = False  # drop bad records (and report their count) instead of stopping at the first
@@ -149,7 +149,7 @@ def load_data(cfg, encoder, rank, world_size, distributed):
     train = data.load_dataset(specs(cfg.dataset, "train"), "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
     if cfg.split_dataset_ratio > 0:
         train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
-    elif cfg.val_dataset:
+    elif cfg.val_dataset and not (cfg.val_dataset == ["demo"] and cfg.dataset != ["demo"]):  # demo val only for demo
         val = data.load_dataset(specs(cfg.val_dataset, "val"), "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
     else:
         val = []
