@@ -54,7 +54,7 @@ class Config:
     # rollouts
     num_generations: int = 8  # completions per prompt (the group whose mean is the baseline)
     max_completion_length: int = 8  # new tokens per completion; the demo's answer is a word and <|im_end|>
-    temperature: float = 1.0  # 1: sample the policy itself, which the loss assumes
+    temperature: float = 1.0  # sampling temperature; the loss scores the same tempered policy (as TRL does)
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
@@ -355,7 +355,7 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
     # are never sampled: the model would look for an image that is not there
     vision_tokens = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
     generation_config = GenerationConfig(max_new_tokens=cfg.max_completion_length, do_sample=not greedy, eos_token_id=stop,
-                                         pad_token_id=pad, suppress_tokens=vision_tokens, **sampling)
+                                         pad_token_id=pad, suppress_tokens=vision_tokens, use_cache=True, **sampling)
     was_training = model.training
     model.eval()
     completion_ids = []
@@ -373,7 +373,7 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  mm_token_type_ids=mm_token_type_ids.to(device), **vision, generation_config=generation_config,
-                                 synced_gpus=synced, use_cache=True)
+                                 synced_gpus=synced)
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))  # up to the first stop, padding after
             completion_ids.append(row[:end])
@@ -485,8 +485,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
     Ratio: per token r_t = exp(logp_t - old_t) (PPO; GRPO, Shao et al. 2024 eq. 3), or per sequence (GSPO, Zheng et
     al. 2025 §4) s = exp(mean_t(logp_t - old_t)), the geometric mean of a completion's token ratios, for every token.
     Per-token loss: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t (GRPO eq. 3 with DAPO's decoupled
-    clip-higher bound, Yu et al. 2025 eq. 10); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
-    2025, eq. 4: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
+    clip-higher bound, Yu et al. 2025 §3.1); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
+    2025 §3.1: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
     ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...)).
     KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
     Aggregation (loss_type), with S = the sum of per-token loss * mask:
@@ -495,8 +495,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
       dr_grpo  S / (B * max_completion_length): a constant, so no bias towards long or short completions (Dr. GRPO)
       dapo     S / num_items_in_batch: the completion tokens of the whole global batch, every process and accumulation
                step (counted before the first backward), so a token weighs the same however the batch is split
-               (DAPO eq. 12); None: this batch's tokens
-      cispo    as dapo (MiniMax-M1 eq. 4 normalises by the batch's tokens)
+               (DAPO §3.3); None: this batch's tokens
+      cispo    as dapo (MiniMax-M1's objective normalises by the batch's tokens)
     With old_logps = logps.detach() (num_iterations 1) the ratio is 1 and the gradient is REINFORCE with the group mean
     as the baseline: d loss / d logp_t = -A / normaliser.
     Metrics: kl (token mean; 0 when beta is 0); clip_low, clip_high, clip_region: the fraction of tokens whose gradient
@@ -579,14 +579,14 @@ def model_inputs(batch, device):
     return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
 
 
-def chunk_logps(logits, targets):
-    logps = logits.float().log_softmax(-1)
+def chunk_logps(logits, targets, temperature):
+    logps = (logits.float() / temperature).log_softmax(-1)  # the policy is what the rollout samples: tempered
     with torch.no_grad():  # the policy's entropy at each token, for the log: one more pass over a chunk in memory
         entropy = -(logps.exp() * logps).sum(-1)
     return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
 
 
-def token_logps(model, batch, device, chunk_size=1024):
+def token_logps(model, batch, device, temperature=1.0, chunk_size=1024):
     """-> (log-probabilities of the labelled tokens [N], their entropies [N]), in order."""
     labels = batch["labels"].to(device)
     keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
@@ -595,7 +595,7 @@ def token_logps(model, batch, device, chunk_size=1024):
     targets = labels[:, keep]
     mask = targets != data.IGNORE
     logits, targets = logits[mask], targets[mask]
-    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
+    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, use_reentrant=False)
            for i in range(0, len(targets), chunk_size)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
@@ -612,9 +612,9 @@ def completion_example(prompt, completion_ids, encoder):
     return encoder.add_positions(example)
 
 
-def completion_logps(model, examples, lengths, device):
+def completion_logps(model, examples, lengths, device, temperature):
     """One packed forward of prompt + completion examples -> (logps, entropy, mask), each [B, longest completion]."""
-    flat_logps, flat_entropy = token_logps(model, data.collate(examples, packing=True), device)
+    flat_logps, flat_entropy = token_logps(model, data.collate(examples, packing=True), device, temperature)
     lengths = torch.tensor(lengths, device=device)
     mask = torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None]
     zeros = flat_logps.new_zeros(mask.shape)
@@ -644,12 +644,12 @@ def fixed_logps(model, reference, micro, cfg, device):
     model.eval()
     for mb in micro:
         if cfg.num_iterations > 1:
-            mb["old_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device)[0]
+            mb["old_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
         if cfg.beta != 0 and reference is not None:
-            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device)[0]
+            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
         elif cfg.beta != 0:
             with lora.disable_adapters(model):
-                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device)[0]
+                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
     model.train()
 
 
@@ -669,7 +669,7 @@ def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device
         last = i == len(micro) - 1
         if distributed:  # reduce gradients once per step, at its last backward: the SFT one, unless mu is 0
             model.set_requires_gradient_sync(last and mu == 0)
-        logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device)
+        logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)
         mask = mask & mb["keep"][:, None]
         loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
                             cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
@@ -680,11 +680,12 @@ def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device
         n = mask.sum()
         sums[:7] += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
                                  (entropy * mask).sum(), n.float()])
-        # the SFT part on this micro-batch's expert examples; with mu 0 it is only measured, for the log
+        # the SFT part on this micro-batch's expert examples, scored by the untempered policy (as SFT does); with
+        # mu 0 it is only measured, for the log
         if distributed:
             model.set_requires_gradient_sync(last)
         with torch.set_grad_enabled(mu > 0):
-            logps, _, mask = completion_logps(model, expert_micro[i], reply_lengths[i], device)
+            logps, _, mask = completion_logps(model, expert_micro[i], reply_lengths[i], device, 1.0)
             sft_loss = chord_sft_loss(logps, mask, cfg.chord_enable_phi_function, sft_items)
         if mu > 0:
             (mu * sft_loss * world_size).backward()
@@ -755,7 +756,7 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
-NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".index.json", "config.json", "trainer_state.json")
+NOT_COPIED = {"config.json", "generation_config.json", "trainer_state.json", "training_state.pt"}  # and weight files
 
 
 def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
@@ -778,7 +779,8 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
             model.save_pretrained(tmp, state_dict=model_state)
         base = data.resolve_model(cfg.model)
         for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if not name.endswith(NOT_COPIED) and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
+            if name not in NOT_COPIED and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")) \
+                    and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
