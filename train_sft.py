@@ -120,16 +120,18 @@ def parse_config(argv=None):
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
 
 def setup_distributed():
-    distributed = "RANK" in os.environ
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    """A GPU run without torchrun is a group of one, so one GPU and N GPUs take the same FSDP2 path and the same
+    numerics (bf16 compute on fp32 master weights); a CPU run without torchrun has no group and no sharding."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif device.type == "cuda":
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    distributed = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return distributed, rank, world_size, device
 
 
@@ -180,8 +182,8 @@ def load_model(cfg, device, distributed, weights=None):
     """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
-    # autocast; CPU: fp32 throughout
+    # GPU: frozen weights in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts to bf16 for
+    # compute, see shard_model); CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=cfg.attn_implementation)
@@ -202,7 +204,8 @@ def load_model(cfg, device, distributed, weights=None):
 
 def shard_model(model, cfg, device):
     """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
-    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters."""
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (trainable ones are fp32
+    since load_model; frozen ones stay bf16, which halves the memory of a LoRA base)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -210,7 +213,6 @@ def shard_model(model, cfg, device):
               "reshard_after_forward": cfg.fsdp_reshard_after_forward}
     if cfg.offload_optimizer:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    model.float()  # master weights in fp32: bf16 is only the compute dtype
     blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
     for block in blocks:
         fully_shard(block, **kwargs)
