@@ -11,6 +11,10 @@ by name and ignores the rest through `**kwargs`. It returns one value per comple
 "not applicable" (e.g. no `solution` in that record), which is left out of the weighted sum. When every reward
 is `None` for a completion, its total is 0.0.
 
+A reward that raises, hangs (past --reward_timeout seconds) or returns NaN stops the run with the reward's name, the
+record and the cause; with --reward_error skip its value becomes None for the completions affected instead, counted in
+the metric reward_errors/<name> (see compute_rewards). A wrong number of values always stops the run.
+
     python train_grpo.py ... --reward_funcs accuracy format --reward_weights 1.0 0.2    # shipped rewards, REWARDS
 
 A plugin is any .py file; every public function defined in it (name not starting with `_`; helpers get a `_`)
@@ -44,7 +48,9 @@ import math
 import numbers
 import random as _random
 import re
+import signal
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -290,32 +296,91 @@ def load_reward_plugin(path: str) -> list[str]:
 # ----------------------------------------------------------------------------- the weighted sum
 
 
-def _call(name: str, fn, completions: list[str], columns: dict) -> list:
-    try:
+class RewardTimeout(BaseException):
+    """Raised inside a reward that ran past --reward_timeout. A BaseException, as KeyboardInterrupt is, so that the
+    reward's own `except Exception:` cannot swallow it."""
+
+
+class RewardError(RuntimeError):
+    """A reward raised or timed out: the message names the reward, the record and the cause."""
+
+
+def _run(fn, completions: list[str], columns: dict, timeout: float) -> list:
+    """fn(completions, **columns), stopped after `timeout` seconds (0: no limit).
+
+    The limit is a SIGALRM timer whose handler raises RewardTimeout inside the reward: it stops Python code and
+    blocking calls (sleep, sockets, waiting on a subprocess) and leaves no thread running behind it. Its limits: it
+    works in the main thread only (Python runs signal handlers there), and C code that does not return to the
+    interpreter (a regex that backtracks for ever, one long numpy call) is stopped only once it returns. A reward that
+    starts threads or processes of its own must stop them itself."""
+    if not timeout:
         return fn(completions, **columns)
+
+    def expire(signum, frame):
+        raise RewardTimeout(f"still running after {timeout:g} s (--reward_timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn(completions, **columns)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:  # restored even if the alarm fires as the reward returns
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _describe(completions: list[str], columns: dict, i: int) -> str:
+    """Record i as `completion=..., solution=..., prompts=...`, each value shortened: enough to find it in the data."""
+    fields = {"completion": completions[i], **{k: v[i] for k, v in columns.items()
+                                                 if isinstance(v, (list, tuple)) and len(v) == len(completions)}}
+    short = lambda text: text if len(text) <= 100 else text[:100] + "..."
+    return ", ".join(f"{k}={short(repr(v))}" for k, v in fields.items())
+
+
+def _call(name: str, fn, completions: list[str], columns: dict, timeout: float) -> list:
+    try:
+        return _run(fn, completions, columns, timeout)
+    except RewardTimeout as error:  # which record hangs is unknown: the batch's first is shown
+        raise RewardError(f"reward {name!r} on {len(completions)} completions (the first: "
+                          f"{_describe(completions, columns, 0)}): {error}") from None
     except Exception as error:
         # call the reward on one record at a time to name the first that fails, so the message points at the data
         aligned = [k for k, v in columns.items() if isinstance(v, (list, tuple)) and len(v) == len(completions)]
         index = None
         for i in range(len(completions)):
             try:
-                fn(completions[i:i + 1], **{**columns, **{k: columns[k][i:i + 1] for k in aligned}})
+                _run(fn, completions[i:i + 1], {**columns, **{k: columns[k][i:i + 1] for k in aligned}}, timeout)
+            except RewardTimeout:
+                break
             except Exception:
                 index = i
                 break
         where = f"record {index}" if index is not None else "the batch (no record fails alone; record 0 shown)"
-        record = repr({"completion": completions[index or 0], **{k: columns[k][index or 0] for k in aligned}})
-        record = record if len(record) <= 200 else record[:200] + "..."
-        raise RuntimeError(f"reward {name!r} failed on {where}: {record}: {type(error).__name__}: {error}") from error
+        raise RewardError(f"reward {name!r} failed on {where}: {_describe(completions, columns, index or 0)}: "
+                          f"{type(error).__name__}: {error}") from error
 
 
-def compute_rewards(reward_names, reward_weights, completions, columns):
+_WARNED = set()  # rewards whose failure has been reported once (--reward_error skip)
+
+
+def compute_rewards(reward_names, reward_weights, completions, columns, timeout=0.0, on_error="raise", errors=None):
     """Call each reward on the batch and sum them with weights, skipping None. Returns (total, per_function):
     total[i] is the weighted sum for completions[i] (0.0 if every reward is None for it); per_function maps each
-    name to its values. `reward_weights` None means 1.0 each."""
+    name to its values. `reward_weights` None means 1.0 each.
+
+    A reward that raises, runs past `timeout` seconds (0: no limit; see _run) or returns NaN or inf: on_error "raise"
+    stops with an error that names the reward, the record and the cause; "skip" makes its value None (not applicable)
+    for the completions affected (the whole batch for an exception or a timeout, the entries for NaN and inf), adds
+    their number to errors[name] (`errors`: a dict, if given) and prints a warning once per reward. A wrong number
+    of values or a value that is no number always raises: a bug in the reward, not bad luck with one record."""
     unknown = [name for name in reward_names if name not in REWARDS]
     if unknown:
         raise KeyError(f"unknown reward(s) {unknown}; available: {sorted(REWARDS)} (add yours with --reward_plugin)")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be raise or skip, got {on_error!r}")
+    if timeout and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("--reward_timeout needs the main thread (it uses SIGALRM): compute rewards there, or set it to 0")
     if reward_weights is None:
         reward_weights = [1.0] * len(reward_names)
     if len(reward_weights) != len(reward_names):
@@ -323,13 +388,32 @@ def compute_rewards(reward_names, reward_weights, completions, columns):
     total = [0.0] * len(completions)
     per_function = {}
     for name, weight in zip(reward_names, reward_weights):
-        values = _call(name, REWARDS[name], completions, columns)
+        failed, cause = 0, None
+        try:
+            values = _call(name, REWARDS[name], completions, columns, timeout)
+        except RewardError as error:
+            if on_error == "raise":
+                raise
+            values, failed, cause = [None] * len(completions), len(completions), error
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             raise ValueError(f"reward {name!r} must return a list of {len(completions)} values, got {got}")
+        per_function[name] = []
         for i, v in enumerate(values):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise ValueError(f"reward {name!r} returned {v!r} for record {i}: expected a finite float, int or None")
-        per_function[name] = [None if v is None else float(v) for v in values]
+            if v is not None and not math.isfinite(v):
+                message = f"reward {name!r} returned {v!r} for record {i}: {_describe(completions, columns, i)}"
+                if on_error == "raise":
+                    raise ValueError(message + ": expected a finite float, int or None")
+                v, failed, cause = None, failed + 1, cause or message
+            per_function[name].append(None if v is None else float(v))
+        if failed:
+            if errors is not None:
+                errors[name] = errors.get(name, 0) + failed
+            if name not in _WARNED:
+                _WARNED.add(name)
+                print(f"warning: {cause}; its value is None for the completions affected (--reward_error skip), "
+                      f"counted in reward_errors/{name}; this warning is not repeated", file=sys.stderr)
         total = [t + weight * v if v is not None else t for t, v in zip(total, per_function[name])]
     return total, per_function

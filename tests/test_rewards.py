@@ -3,6 +3,8 @@
 import math
 import os
 import sys
+import threading
+import time
 
 import pytest
 
@@ -307,7 +309,7 @@ def test_compute_rewards_errors():
     with pytest.raises(RuntimeError) as error:
         rewards.compute_rewards(["accuracy", "fails_on_x"], None, completions, columns)
     message = str(error.value)
-    assert "'fails_on_x'" in message and "record 1" in message and "'solution': 'x'" in message
+    assert "'fails_on_x'" in message and "record 1" in message and "solution='x'" in message
     assert isinstance(error.value.__cause__, ValueError)
 
 
@@ -318,7 +320,7 @@ def test_compute_rewards_truncates_long_records():
     rewards.REWARDS["boom"] = boom
     with pytest.raises(RuntimeError, match=r"'boom' failed on record 0") as error:
         rewards.compute_rewards(["boom"], None, ["y" * 1000], {"solution": ["z" * 1000]})
-    assert len(str(error.value)) < 300 and "ZeroDivisionError: boom" in str(error.value)
+    assert len(str(error.value)) < 320 and "ZeroDivisionError: boom" in str(error.value)  # each field shortened
 
 
 def test_compute_rewards_error_of_the_batch_as_a_whole():
@@ -330,3 +332,68 @@ def test_compute_rewards_error_of_the_batch_as_a_whole():
     rewards.REWARDS["at_most_two"] = at_most_two
     with pytest.raises(RuntimeError, match=r"'at_most_two' failed on the batch \(no record fails alone.*'a'"):
         rewards.compute_rewards(["at_most_two"], None, ["a", "b", "c"], {})
+
+
+# ----------------------------------------------------------------------------- rewards that raise, hang or return NaN
+
+
+def flaky_rewards():
+    """A reward that raises on the record whose solution is "x", one that sleeps, one that returns NaN for "x"."""
+    def raises_on_x(completions, solution, **kwargs):
+        return [float(int(s)) for s in solution]
+
+    def sleeps(completions, **kwargs):
+        try:
+            time.sleep(30)
+        except Exception:  # a reward's own except clause must not swallow the timeout
+            pass
+        return [1.0 for _ in completions]
+
+    def nan_on_x(completions, solution, **kwargs):
+        return [math.nan if s == "x" else 1.0 for s in solution]
+
+    rewards.REWARDS.update(raises_on_x=raises_on_x, sleeps=sleeps, nan_on_x=nan_on_x)
+    return ["a", "b", "c"], {"solution": ["1", "x", "2"], "prompts": ["what is in the picture?"] * 3}
+
+
+def test_reward_failures_raise_with_name_record_and_cause():
+    completions, columns = flaky_rewards()
+    with pytest.raises(RuntimeError, match=r"'raises_on_x' failed on record 1: completion='b', solution='x', "
+                                           r"prompts='what is in the picture\?': ValueError"):
+        rewards.compute_rewards(["raises_on_x"], None, completions, columns)
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"'sleeps' on 3 completions .*solution='1'.*after 0.2 s \(--reward_timeout\)"):
+        rewards.compute_rewards(["accuracy", "sleeps"], None, completions, columns, timeout=0.2)
+    assert time.time() - start < 5  # control came back, not after the 30 s sleep
+    with pytest.raises(ValueError, match=r"'nan_on_x' returned nan for record 1: completion='b', solution='x'"):
+        rewards.compute_rewards(["nan_on_x"], None, completions, columns)
+
+
+def test_reward_failures_skip_count_and_warn_once(capsys):
+    completions, columns = flaky_rewards()
+    rewards._WARNED.clear()
+    errors = {}
+    total, per_function = rewards.compute_rewards(["accuracy", "raises_on_x", "sleeps", "nan_on_x"], [1, 1, 1, 0.5],
+                                                  completions, columns, timeout=0.2, on_error="skip", errors=errors)
+    assert per_function["raises_on_x"] == per_function["sleeps"] == [None] * 3  # the call failed: the whole batch
+    assert per_function["nan_on_x"] == [1.0, None, 1.0]  # only the NaN entry
+    assert per_function["accuracy"] == [0.0, 0.0, 0.0] and total == [0.5, 0.0, 0.5]
+    assert errors == {"raises_on_x": 3, "sleeps": 3, "nan_on_x": 1}
+    warnings = capsys.readouterr().err
+    assert warnings.count("warning:") == 3 and "'raises_on_x' failed on record 1" in warnings
+    rewards.compute_rewards(["raises_on_x"], None, completions, columns, on_error="skip", errors=errors)
+    assert errors["raises_on_x"] == 6 and "warning" not in capsys.readouterr().err  # counted again, warned once
+    rewards.REWARDS["short_list"] = lambda completions, **kwargs: [1.0]
+    with pytest.raises(ValueError, match="3 values, got 1"):  # a wrong length is a bug: it raises even under skip
+        rewards.compute_rewards(["short_list"], None, completions, columns, on_error="skip")
+
+
+def test_reward_timeout_needs_the_main_thread():
+    completions, columns = flaky_rewards()
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        pytest.raises(RuntimeError, rewards.compute_rewards, ["sleeps"], None, completions, columns, timeout=0.1,
+                      on_error="skip")))  # not skipped: the timeout cannot work here at all
+    worker.start()
+    worker.join()
+    assert str(outcome[0].value).startswith("--reward_timeout needs the main thread")
