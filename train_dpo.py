@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ import lora
 class Config:
     # model and data
     model: str = "outputs/sft_short/checkpoint-60"  # a checkpoint folder (the demo's SFT run), hub id or tiny model name
+    trust_remote_code: bool = False  # let transformers run Python code shipped with the model (only for repos you trust)
     dataset: list[str] = field(default_factory=lambda: ["demo"])  # pair files, each optionally `file%50` or `file#2000`;
     # "demo": 960 of the demo task's pairs, one epoch of which is the CPU demo (120 steps, under 3 minutes on 2 cores)
     val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo task's held-out pairs
@@ -80,6 +82,7 @@ class Config:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    max_bad_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient norm (each one is skipped)
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.1
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
@@ -102,6 +105,7 @@ class Config:
     save_steps: int = 500  # also saves at the end; 0 saves nothing (for benchmarks)
     save_total_limit: int = 2  # keep the best (by eval loss) and the latest
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    save_on_sigterm: bool = True  # on SIGTERM (preemption, scancel, torchrun stopping) finish the step, save, exit 0
     report_to: str = "none"  # none | wandb | tensorboard
     config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
@@ -166,16 +170,18 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
 
 def setup_distributed():
-    distributed = "RANK" in os.environ
-    if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    """A GPU run without torchrun is a group of one, so one GPU and N GPUs take the same FSDP2 path and the same
+    numerics (bf16 compute on fp32 master weights); a CPU run without torchrun has no group and no sharding."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif device.type == "cuda":
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    distributed = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return distributed, rank, world_size, device
 
 
@@ -183,6 +189,54 @@ def all_reduce_sum(x, distributed):
     if distributed:
         dist.all_reduce(x)
     return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder, checked before any slow work: writable, with room for the checkpoints, no half-written one left
+
+def check_output_dir(cfg):
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write_test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--output_dir {cfg.output_dir} is not writable: {e}")
+    for name in sorted(os.listdir(cfg.output_dir)):
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):  # a save killed half-way (resume never reads it)
+            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
+            print(f"removed {os.path.join(cfg.output_dir, name)}: a checkpoint whose save was interrupted")
+    # checkpoints on disk at once: the ones kept, plus the new one written before the oldest goes (0 keeps all: we
+    # count the first only); with --save_steps 0, only the one SIGTERM would write
+    at_once = (cfg.save_total_limit + 1 if cfg.save_total_limit > 0 else 1) if cfg.save_steps > 0 else int(cfg.save_on_sigterm)
+    size = checkpoint_size(cfg)
+    free = shutil.disk_usage(cfg.output_dir).free
+    if at_once * size > free:
+        raise SystemExit(f"--output_dir {cfg.output_dir}: {free / 2**30:.1f} GiB free, about {at_once * size / 2**30:.1f} GiB "
+                         f"needed for {at_once} checkpoint(s) of ~{size / 2**30:.2f} GiB ({cfg.train_type}); free some space, "
+                         f"choose another --output_dir or lower --save_total_limit")
+
+
+def checkpoint_size(cfg):
+    """Rough bytes of one checkpoint, from the parameter count in the model's safetensors headers (no weights read);
+    0 (no check) for a model not on disk yet. Full: fp32 weights (trainable weights are kept in fp32) and AdamW's
+    two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d weight 2 x rank x d
+    weights: at most 2 rank / d of the model. (The reference model and its log-probabilities are never saved.)"""
+    from safetensors import safe_open
+
+    path = data.resolve_model(cfg.model)
+    files = [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")] if os.path.isdir(path) else []
+    params = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    if cfg.train_type == "lora" and params:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        hidden_size = config.get("text_config", config)["hidden_size"]
+        params *= min(1.0, 2 * cfg.lora_rank / hidden_size)
+    return 12 * params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +327,12 @@ def make_loader(cfg, samples, encoder, plan):
     # its own generator: creating a loader must not draw from the global RNG, or a resumed run's dropout would differ
     return torch.utils.data.DataLoader(PairDataset(samples, encoder, plan), batch_size=None, shuffle=False,
                                        num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                                       generator=torch.Generator())
+                                       generator=torch.Generator(), worker_init_fn=lambda _: init_worker(cfg.save_on_sigterm))
+
+
+def init_worker(save_on_sigterm):
+    if save_on_sigterm:  # torchrun and SLURM signal the whole process group: a worker that died would break the save
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (workers still end with their loader, or with the main process)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,10 +347,11 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     if cfg.model == Config.model and not os.path.exists(path):
         raise SystemExit(f"{path} does not exist: the demo starts from a short SFT run; make it with\n"
                          f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
-    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
-    # autocast; CPU: fp32 throughout
+    # GPU: frozen weights (and the reference) in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts
+    # to bf16 for compute, see shard_model); CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if reference:
         return model.requires_grad_(False).eval().to(device)
@@ -311,8 +371,9 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
 
 def shard_model(model, cfg, device, reference=False):
     """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
-    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (the reference, with no
-    optimizer, keeps its loaded dtype and always reshards: it runs forward only)."""
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (trainable ones are fp32
+    since load_model; frozen ones stay bf16, which halves the memory of a LoRA base). The reference, all frozen, stays
+    bf16 and always reshards: it runs forward only."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -416,8 +477,8 @@ def pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_
 
 def summarise(sums, cfg, prefix=""):
     s = dict(zip(STATS, sums.tolist()))
-    pairs = max(s["pairs"], 1)
-    nll = s["nll"] / max(s["chosen_tokens"], 1)  # per chosen token, as the --rpo_alpha term
+    pairs = s["pairs"] or math.nan  # nan when every step of a logging window was skipped (NaN/inf)
+    nll = s["nll"] / (s["chosen_tokens"] or math.nan)  # per chosen token, as the --rpo_alpha term
     out = {"loss": s["loss"] / pairs + cfg.rpo_alpha * nll}
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
         out[k] = s[k] / pairs
@@ -524,6 +585,9 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
     if rank == 0:
+        nonfinite = [k for k, v in model_state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if nonfinite:  # NaN steps are skipped, so only an overflowing update gets here: never write it as a checkpoint
+            raise SystemExit(f"not saving step {state['step']}: NaN/inf weights in {nonfinite[:3]}; lower --learning_rate")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.train_type == "lora":
@@ -583,8 +647,8 @@ def main(argv=None):
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # leave the DataLoader workers their cores: compute threads that share a core spin-wait, several times slower
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - cfg.num_workers))  # (torchrun sets OMP_NUM_THREADS)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     if master:
+        check_output_dir(cfg)  # seconds, before the slow model load and data encoding
         with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
 
@@ -628,9 +692,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=device.type == "cuda" and not cfg.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None}
+    state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None, "skipped_steps": 0}
     if resume:
-        state = load_checkpoint(resume, model, optimizer, scheduler, cfg)
+        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
         if master:
             print(f"resumed from {resume} at step {state['step']}")
     if master:
@@ -682,15 +746,21 @@ def main(argv=None):
         from tqdm import tqdm
 
         progress = tqdm(total=total_steps, initial=state["step"], desc="dpo", dynamic_ncols=True)
-    while state["step"] < total_steps:
+    # SIGTERM only raises a flag: the step in progress finishes, then every process saves and the run exits 0
+    sigterm = {"received": False}
+    if cfg.save_on_sigterm:
+        default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
+    stop, bad_in_a_row, checkpoint_path = False, 0, None
+    while state["step"] < total_steps and not stop:
         plan = plan_of(state["epoch"])
         loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:]))
-        while state["step"] < total_steps and state["batch"] + cfg.gradient_accumulation_steps <= len(plan):
+        while state["step"] < total_steps and not stop and state["batch"] + cfg.gradient_accumulation_steps <= len(plan):
             micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
             state["batch"] += cfg.gradient_accumulation_steps
             # the loss is a mean over the pairs (and, for --rpo_alpha, the chosen tokens) of the whole global batch
             counts = torch.tensor([[len(b["index"]), b["chosen_tokens"]] for b in micro_batches], dtype=torch.float).sum(0)
             n_pairs, n_chosen_tokens = all_reduce_sum(counts.to(device), distributed).tolist()
+            step_loss, step_sums = torch.zeros((), device=device), torch.zeros(len(STATS), dtype=torch.float64, device=device)
             for i, batch in enumerate(micro_batches):
                 if distributed:
                     model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce gradients once per step
@@ -703,36 +773,59 @@ def main(argv=None):
                 if cfg.rpo_alpha:
                     loss = loss + cfg.rpo_alpha * -chosen.sum() / n_chosen_tokens
                 (loss * world_size).backward()  # FSDP averages gradients over processes
-                window["sums"] += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
+                step_loss += loss.detach()
+                step_sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
                 window["tokens"] += batch["input_ids"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # the one host sync of the step: is it finite, and has any process been sent SIGTERM
+            flags = torch.stack([~(torch.isfinite(step_loss) & torch.isfinite(grad_norm)),
+                                 torch.tensor(sigterm["received"], device=device)]).float()
+            nonfinite, stop = (all_reduce_sum(flags, distributed) > 0).tolist()
+            if nonfinite:  # no update from it (weights and AdamW's moments stay finite); step and data still advance
+                state["skipped_steps"] += 1
+                bad_in_a_row += 1
+            else:
+                optimizer.step()
+                window["sums"] += step_sums
+                bad_in_a_row = 0
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             if progress:
                 progress.update(1)
-            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
                 sums = all_reduce_sum(window["sums"].clone(), distributed)
                 tokens = all_reduce_sum(torch.tensor(float(window["tokens"]), device=device), distributed).item()
                 elapsed = time.time() - window["time"]
-                metrics = {"step": state["step"], **summarise(sums, cfg),
-                           "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                metrics = {"step": state["step"], **summarise(sums, cfg), "grad_norm": grad_norm.item(),
                            "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"] + state["batch"] / len(plan),
-                           "tokens_per_s": tokens / elapsed / world_size}
+                           "tokens_per_s": tokens / elapsed / world_size, "skipped_steps": state["skipped_steps"]}
                 if device.type == "cuda":
                     metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 log(metrics)
                 window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "time": time.time()}
-            if val and (state["step"] % cfg.eval_steps == 0 or state["step"] == total_steps):
+            if bad_in_a_row >= cfg.max_bad_steps:
+                if cfg.save_on_sigterm:
+                    signal.signal(signal.SIGTERM, default_sigterm)
+                raise SystemExit(f"stopped at step {state['step']}: the loss or gradient norm was NaN/inf in {bad_in_a_row} steps "
+                                 f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
+                                 f"is finite). Try a lower --learning_rate or --max_grad_norm, check the data (python data.py "
+                                 f"check FILE), keep bf16 rather than fp16 on GPU, or raise --max_bad_steps to skip more")
+            if val and not stop and (state["step"] % cfg.eval_steps == 0 or state["step"] == total_steps):
                 evaluate()
-            if cfg.save_steps > 0 and (state["step"] % cfg.save_steps == 0 or state["step"] == total_steps):
-                save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
+            if stop or cfg.save_steps > 0 and (state["step"] % cfg.save_steps == 0 or state["step"] == total_steps):
+                checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
         if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
+    if cfg.save_on_sigterm:
+        signal.signal(signal.SIGTERM, default_sigterm)
     if progress:
         progress.close()
-    if master:
+    if master and stop:
+        print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
+              f"with --resume_from_checkpoint latest", flush=True)
+    elif master:
         print(f"done: {state['step']} steps in {time.time() - start_time:.0f}s; checkpoints in {cfg.output_dir}")
         if len(evals) > 1:  # the demo's result: preference accuracy up, task accuracy not down
             print("held-out " + ", ".join(f"{k} {evals[0][k]:.2f} -> {evals[-1][k]:.2f}" for k in
