@@ -555,8 +555,8 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # the one host sync of the step: is it finite, and has any process been sent SIGTERM
-            flags = torch.stack([~(torch.isfinite(step_sums[0]) & torch.isfinite(grad_norm)),
-                                 torch.tensor(sigterm["received"], device=device)]).float()
+            finite = torch.isfinite(step_sums[0]) & torch.isfinite(grad_norm)
+            flags = torch.stack([~finite, finite.new_full((), sigterm["received"])]).float()  # (new_full: no copy, no sync)
             nonfinite, stop = (all_reduce_sum(flags, distributed) > 0).tolist()
             if nonfinite:  # no update from it (weights and AdamW's moments stay finite); step and data still advance
                 state["skipped_steps"] += 1
