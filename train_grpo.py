@@ -15,11 +15,13 @@ other field (`solution`, ...) goes to the reward functions. Variants: DAPO = --l
 --dynamic_sample true --overlong_filter true; Dr. GRPO = --loss_type dr_grpo --scale_rewards none;
 GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon_high 4.
 """
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +39,7 @@ import rewards
 class Config:
     # model and data
     model: str = "tiny-qwen2.5-vl"  # local path, hub id, or tiny-qwen2.5-vl / tiny-qwen3-vl
+    trust_remote_code: bool = False  # let transformers run Python code shipped with the model (only for repos you trust)
     dataset: list[str] = field(default_factory=lambda: ["demo#160"])  # RL records; "demo#160": 160 demo prompts, 40 steps
     val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # held-out prompts; "demo": the demo's val split
     split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
@@ -63,6 +66,8 @@ class Config:
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in rewards.REWARDS or a plugin
     reward_weights: list[float] | None = None  # one per reward function; default 1.0 each
     reward_plugin: list[str] = field(default_factory=list)  # .py files whose functions become rewards
+    reward_timeout: float = 0.0  # seconds a reward function may take on one batch (0: no limit; see rewards.py)
+    reward_error: str = "raise"  # a reward raises, times out or returns NaN: raise (stop the run) | skip (None, counted)
     scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by (none: Dr. GRPO)
     dynamic_sample: bool = False  # DAPO: replace groups whose rewards all agree (no signal) with new prompts
     max_resample_times: int = 3  # extra rounds of prompts per step for dynamic_sample
@@ -94,6 +99,7 @@ class Config:
     adam_beta2: float = 0.99
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    max_bad_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient norm (each one is skipped)
     lr_scheduler_type: str = "constant"  # cosine | linear | constant
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
@@ -117,6 +123,7 @@ class Config:
     save_total_limit: int = 2  # keep the best (by eval reward) and the latest
     log_completions: bool = False  # every completion with its rewards and advantage -> completions.jsonl
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    save_on_sigterm: bool = True  # on SIGTERM (preemption, scancel, torchrun stopping) finish the step, save, exit 0
     report_to: str = "none"  # none | wandb | tensorboard
     config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
@@ -141,7 +148,8 @@ def parse_config(argv=None):
         parser.set_defaults(**defaults)
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
-               "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora")}
+               "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
+               "reward_error": ("raise", "skip")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -236,7 +244,8 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     # autocast; CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=cfg.attn_implementation)
+                                                        attn_implementation=cfg.attn_implementation,
+                                                        trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if reference:
         return model.requires_grad_(False).eval().to(device), 0, 0
@@ -283,27 +292,66 @@ def truncated(completion_ids, encoder):
     return completion_ids[-1] not in stop_tokens(encoder)
 
 
+class SeededSampler:
+    """Sampling in which each completion depends only on its own seed: a transformers logits processor, the last one
+    generate(do_sample=False) applies (after its repetition penalty and suppressed tokens), whose argmax is the sample.
+
+    The Gumbel-max trick: with u_v ~ U(0, 1) independent and g_v = -log(-log u_v), argmax_v (z_v / T + g_v) is an
+    exact draw from softmax(z / T). So the processor divides the logits by the temperature, filters them as
+    transformers' warpers do (top-k, then top-p of what is left), and adds Gumbel noise from each row's own
+    torch.Generator. Row i's t-th token takes the t-th draw of generator i whatever the other rows are, however they
+    are padded and whichever process runs them: a finished row keeps drawing (its token is padding), and under
+    synced_gpus a process whose rows are all finished skips the processor. A vLLM backend gets the same seeds per
+    request. The cost, one draw per row and token, is small next to the forward."""
+
+    def __init__(self, seeds, temperature, top_k, top_p, device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids, scores):
+        scores = scores / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:  # the k most likely tokens (and any tied with the k-th)
+            scores = scores.masked_fill(scores < scores.topk(self.top_k).values[:, -1:], -math.inf)
+        if self.top_p < 1:  # the fewest most likely tokens whose probability adds up to top_p
+            ascending, order = scores.sort()
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[:, -1] = False  # the most likely token always stays
+            scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(u))
+
+
+def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
+    """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
+    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
+    on the process or the generate call it lands in, so N processes sample what 1 does."""
+    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
+    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
+            for j in range(num_prompts) for k in range(cfg.num_generations)]
+
+
 @torch.no_grad()
-def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, prompts=None):
+def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, prompts=None, seeds=None):
     """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
     --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
     with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. One batched generate with a
     KV cache over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
-    repeated. `prompts`: the samples already encoded. Sampling draws from the global torch RNG, which the training
-    loop reseeds every step. A vLLM backend would take the same samples and return the same two lists."""
+    repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
+    from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
     from transformers import GenerationConfig
 
     prompts = prompts or [encoder.encode(s, **PROMPT) for s in samples]
     rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
+    if not greedy and seeds is None:
+        seeds = torch.randint(2**62, (len(rows),)).tolist()
     tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                      repetition_penalty=cfg.repetition_penalty)
     # a fresh config: a checkpoint's own (Qwen's: top_k 1, temperature 0.1 ...) must not leak in. Vision placeholders
-    # are never sampled: the model would look for an image that is not there
+    # are never sampled: the model would look for an image that is not there. do_sample=False: SeededSampler samples
     vision_tokens = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-    generation_config = GenerationConfig(max_new_tokens=cfg.max_completion_length, do_sample=not greedy, eos_token_id=stop,
-                                         pad_token_id=pad, suppress_tokens=vision_tokens, use_cache=True, **sampling)
+    generation_config = GenerationConfig(max_new_tokens=cfg.max_completion_length, do_sample=False, eos_token_id=stop,
+                                         pad_token_id=pad, suppress_tokens=vision_tokens, use_cache=True,
+                                         repetition_penalty=1.0 if greedy else cfg.repetition_penalty)
     was_training = model.training
     model.eval()
     completion_ids = []
@@ -318,10 +366,11 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
             attention_mask[row, width - len(e["input_ids"]):] = 1
         vision = {k: torch.cat([e[k] for e in part if k in e]).to(device) for k in data.VISION_KEYS if any(k in e for e in part)}
         mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
+        sampler = [] if greedy else [SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  mm_token_type_ids=mm_token_type_ids.to(device), **vision, generation_config=generation_config,
-                                 synced_gpus=synced)
+                                 logits_processor=sampler, synced_gpus=synced)
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))  # up to the first stop, padding after
             completion_ids.append(row[:end])
@@ -333,14 +382,16 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards and advantages
 
-def score(samples, completion_ids, texts, cfg, num_generations):
+def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
     """Rewards of completions (num_generations per sample, prompt-major). Columns: every record field repeated per
-    completion, plus prompts, images, completion_lengths, max_completion_length. -> (total [N], per-function lists)."""
+    completion, plus prompts, images, completion_lengths, max_completion_length. -> (total [N], per-function lists).
+    `errors` counts the completions whose reward failed, per reward (--reward_error skip)."""
     repeat = lambda values: [v for v in values for _ in range(num_generations)]
     columns = {k: repeat([s.extra.get(k) for s in samples]) for k in sorted({k for s in samples for k in s.extra})}
     columns.update(prompts=repeat([s.messages for s in samples]), images=repeat([s.images for s in samples]),
                    completion_lengths=[len(c) for c in completion_ids], max_completion_length=cfg.max_completion_length)
-    total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns)
+    total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns,
+                                                  cfg.reward_timeout, cfg.reward_error, errors)
     return torch.tensor(total, dtype=torch.float32), per_function
 
 
@@ -371,11 +422,13 @@ def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_si
     G = cfg.num_generations
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
     informative, agreeing, generated = [], [], {"reward": [], "completion_length": [], "truncated": [], "zero_std_groups": []}
+    errors = {}  # completions whose reward failed, per reward (--reward_error skip)
     for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
         samples = [train[i] for i in next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size)]
         prompts = [encoder.encode(s, **PROMPT) for s in samples]
-        completion_ids, texts = rollout(model, encoder, samples, cfg, device, synced=distributed, prompts=prompts)
-        total, per_function = score(samples, completion_ids, texts, cfg, G)
+        seeds = sampling_seeds(cfg, state["step"], rounds, rank * prompts_per_rank, len(samples))
+        completion_ids, texts = rollout(model, encoder, samples, cfg, device, synced=distributed, prompts=prompts, seeds=seeds)
+        total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
         generated["reward"] += total.tolist()
         for name, values in per_function.items():
             generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
@@ -391,6 +444,8 @@ def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_si
         need_more = torch.tensor(float(len(informative) < prompts_per_rank), device=device)
         if not cfg.dynamic_sample or not all_reduce(need_more, distributed, "max").item():
             break  # every process runs the same number of rounds: generate() is a collective under FSDP
+    if cfg.reward_error == "skip":
+        generated.update({f"reward_errors/{name}": [errors.get(name, 0)] for name in cfg.reward_funcs})
     groups = (informative + agreeing)[:prompts_per_rank]
     batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
              "rewards": torch.cat([g["rewards"] for g in groups]), "rounds": rounds}
@@ -408,11 +463,14 @@ def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_si
 
 
 def rollout_metrics(batch, generated, distributed):
-    """Means (and stds of rewards and advantages) over every process's completions, the longest completion."""
+    """Means (and stds of rewards and advantages) over every process's completions, the longest completion, and
+    the number of completions whose reward failed (reward_errors/<name>, --reward_error skip)."""
     values = gather_lists({**generated, "advantage": batch["advantages"].tolist()}, distributed)
     out = {}
     for name, v in values.items():
-        if v:
+        if name.startswith("reward_errors/"):
+            out[name] = float(sum(v))
+        elif v:
             out[name] = sum(v) / len(v)
             if name.startswith("reward") or name == "advantage":
                 out[name + "_std"] = torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0
@@ -567,13 +625,16 @@ def fixed_logps(model, reference, micro, cfg, device):
     model.train()
 
 
-def train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed):
-    """Forward and backward every micro-batch, then one optimizer step. -> the loss metrics of the global batch."""
+def train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed, sigterm=False):
+    """Forward and backward every micro-batch, then one optimizer step, skipped (no update; the schedule still moves
+    on) when the loss or the gradient norm is NaN/inf on any process. -> (the loss metrics of the global batch,
+    whether the step was skipped, whether any process has been sent SIGTERM)."""
     dapo_like = cfg.loss_type in ("dapo", "cispo")
     # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
     tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
     num_items = all_reduce(torch.tensor(float(tokens), device=device), distributed).clamp(min=1)
-    sums = torch.zeros(7, device=device)  # loss, then token-weighted kl, clip low/high/region, entropy; tokens
+    sums = torch.zeros(8, device=device)  # loss, then token-weighted kl, clip low/high/region, entropy; tokens; SIGTERM
+    sums[7] = float(sigterm)
     for i, mb in enumerate(micro):
         if distributed:
             model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce gradients once per step
@@ -586,17 +647,22 @@ def train_step(model, optimizer, scheduler, micro, cfg, device, world_size, dist
             loss = loss / (len(micro) * world_size)  # the mean over every micro-batch of every process
         (loss * world_size).backward()  # FSDP averages gradients over processes
         n = mask.sum()
-        sums += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
-                             (entropy * mask).sum(), n.float()])
+        sums[:7] += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
+                                 (entropy * mask).sum(), n.float()])
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    optimizer.step()
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    # the step's one host sync: the summed metrics (a NaN/inf loss on any process makes the sum NaN/inf everywhere),
+    # the global gradient norm, and whether any process got SIGTERM
+    values = torch.cat([all_reduce(sums, distributed), grad_norm.reshape(1).to(sums)]).tolist()
+    loss, kl, low, high, region, entropy, n, sigterm, grad_norm = values
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:  # a skipped step leaves the weights and AdamW's moments as they were: finite
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss, kl, low, high, region, entropy, n = all_reduce(sums, distributed).tolist()
     n = max(n, 1.0)
-    return {"loss": loss, "kl": kl / n, "clip_low": low / n, "clip_high": high / n, "clip_region": region / n,
-            "entropy": entropy / n, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-            "lr": scheduler.get_last_lr()[0]}
+    return ({"loss": loss, "kl": kl / n, "clip_low": low / n, "clip_high": high / n, "clip_region": region / n,
+             "entropy": entropy / n, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}, skipped, sigterm > 0)
 
 
 def completion_rows(batch, step):
@@ -645,6 +711,22 @@ def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
     return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {})}
 
 
+def check_output_dir(cfg):
+    """Before any slow work: --output_dir must be writable; a checkpoint-N.tmp left by a killed save is removed."""
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        probe = os.path.join(cfg.output_dir, f".write_test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--output_dir {cfg.output_dir} is not writable: {e}")
+    for name in sorted(os.listdir(cfg.output_dir)):
+        if name.startswith("checkpoint-") and name.endswith(".tmp"):  # a save killed half-way (resume never reads it)
+            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
+            print(f"removed {os.path.join(cfg.output_dir, name)}: a checkpoint whose save was interrupted")
+
+
 def checkpoint_dirs(output_dir):
     """Complete checkpoints only (a half-written one is still named *.tmp), oldest first."""
     if not os.path.isdir(output_dir):
@@ -667,6 +749,9 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
     final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
     if rank == 0:
+        nonfinite = [k for k, v in model_state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if nonfinite:  # NaN steps are skipped, so only an overflowing update gets here: never write it as a checkpoint
+            raise SystemExit(f"not saving step {state['step']}: NaN/inf weights in {nonfinite[:3]}; lower --learning_rate")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.train_type == "lora":
@@ -718,8 +803,8 @@ def main(argv=None):
     master = rank == 0
     start_time = time.time()
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     if master:
+        check_output_dir(cfg)  # seconds, before the slow model load and prompt encoding
         with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
     for path in cfg.reward_plugin:
@@ -747,9 +832,9 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=device.type == "cuda" and not cfg.offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    state = {"step": 0, "epoch": 0, "cursor": 0, "eval_reward": None}
+    state = {"step": 0, "epoch": 0, "cursor": 0, "eval_reward": None, "skipped_steps": 0}
     if resume:
-        state = load_checkpoint(resume, model, optimizer, scheduler, cfg)
+        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
         if master:
             print(f"resumed from {resume} at step {state['step']}")
     if master:
@@ -789,9 +874,14 @@ def main(argv=None):
     first_eval = run_eval() if val and cfg.eval_on_start and state["step"] == 0 else None
     model.train()
     window = []  # the metrics of each step since the last log line
-    while state["step"] < total_steps:
-        # every random draw of this rollout and its updates (sampling, dropout, a random reward) follows from
-        # (seed, step, process): a run is reproducible and a resumed run continues exactly
+    # SIGTERM only raises a flag: the step in progress finishes, then every process saves and the run exits 0
+    sigterm = {"received": False}
+    if cfg.save_on_sigterm:
+        default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
+    stop, bad_in_a_row, checkpoint_path = False, 0, None
+    while state["step"] < total_steps and not stop:
+        # sampling has its own seeds (sampling_seeds); every other random draw of this rollout and its updates
+        # (dropout, a random reward) follows from (seed, step, process): a resumed run continues exactly
         step_seed = (cfg.seed * 1_000_003 + state["step"]) * 1009 + rank
         torch.manual_seed(step_seed)
         random.seed(step_seed)
@@ -807,25 +897,41 @@ def main(argv=None):
         stats = {**rollout_metrics(batch, generated, distributed), "rollout_s": time.time() - start}
         for _ in range(cfg.num_iterations):
             start = time.time()
-            window.append({**stats, **train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed),
-                           "train_s": time.time() - start})
+            metrics, skipped, stop = train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed,
+                                                sigterm["received"])
+            window.append({**stats, **metrics, "train_s": time.time() - start})
             stats["rollout_s"] = 0.0  # later iterations reuse the rollout
             state["step"] += 1
-            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
+            state["skipped_steps"] += skipped  # no update from it; the step count and the prompts still advance
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
                 averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
                             for k in window[0]}
-                log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged})
+                log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged,
+                     "skipped_steps": state["skipped_steps"]})
                 window = []
+            if bad_in_a_row >= cfg.max_bad_steps:
+                if cfg.save_on_sigterm:
+                    signal.signal(signal.SIGTERM, default_sigterm)
+                raise SystemExit(f"stopped at step {state['step']}: the loss or gradient norm was NaN/inf in {bad_in_a_row} steps "
+                                 f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
+                                 f"is finite). Try a lower --learning_rate or --max_grad_norm, check the rewards and the data "
+                                 f"(python data.py check FILE), or raise --max_bad_steps to skip more")
             if state["step"] >= total_steps:
-                break
-        # evaluate and save at rollout boundaries (every step when num_iterations is 1)
+                break  # (after SIGTERM a rollout's other iterations run too: resuming mid-rollout is not exact)
+        # evaluate and save at rollout boundaries (every step when num_iterations is 1); after SIGTERM, save and stop
         due = lambda every: every > 0 and (state["step"] // every > (state["step"] - cfg.num_iterations) // every
                                            or state["step"] >= total_steps)
-        if val and due(cfg.eval_steps):
+        if val and not stop and due(cfg.eval_steps):
             run_eval()
-        if due(cfg.save_steps):
-            save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
-    if master:
+        if stop or due(cfg.save_steps):
+            checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
+    if cfg.save_on_sigterm:
+        signal.signal(signal.SIGTERM, default_sigterm)
+    if master and stop:
+        print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
+              f"with --resume_from_checkpoint latest", flush=True)
+    elif master:
         print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
         if first_eval is not None and state["eval_reward"] is not None:
             print(f"held-out reward (greedy): start {first_eval['eval_reward']:.3f} -> end {state['eval_reward']:.3f} "

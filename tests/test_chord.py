@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import rewards
 import train_chord
 import train_grpo
 import train_sft
@@ -187,6 +188,44 @@ def test_resume_continues_exactly(three_steps, tmp_path):
     assert_same_weights(a, b)
 
 
+def test_sigterm_saves_and_resume_continues_exactly(three_steps, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 2's rollout: step 2 finishes, checkpoint-2 is written and main returns (exit 0); resuming
+    takes the prompts and expert examples the uninterrupted run took at step 3, and its metrics."""
+    import signal
+
+    calls, random_reward = [], rewards.REWARDS["random"]
+
+    def random_then_sigterm(completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return random_reward(completions, **kwargs)
+
+    monkeypatch.setitem(rewards.REWARDS, "random", random_then_sigterm)
+    out = str(tmp_path / "stopped")
+    args = SMALL + EXPERT + LORA_PHI + ["--max_steps", "3", "--save_steps", "100", "--output_dir", out]
+    assert train_chord.main(args)["step"] == 2
+    assert "SIGTERM: saved" in capsys.readouterr().out
+    train_chord.main(args + ["--resume_from_checkpoint", "latest"])
+    first, again = [[m for m in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" in m] for d in (three_steps, out)]
+    assert [m["step"] for m in again] == [1, 2, 3]
+    for x, y in zip(first, again):
+        for key in ("reward", "loss", "grpo_loss", "sft_loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+
+
+def test_nan_in_the_sft_part_skips_steps_and_stops(tmp_path, monkeypatch):
+    real = train_chord.chord_sft_loss
+    monkeypatch.setattr(train_chord, "chord_sft_loss", lambda *args, **kwargs: real(*args, **kwargs) * math.nan)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="stopped at step 2: .* NaN/inf in 2 steps in a row"):
+        train_chord.main(SMALL + EXPERT + ["--max_steps", "3", "--max_bad_steps", "2", "--save_steps", "1",
+                                           "--output_dir", out])
+    assert [m["skipped_steps"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    base = load_file(os.path.join(data.resolve_model("tiny-qwen2.5-vl"), "model.safetensors"))
+    assert_same_weights(weights(out, step=1), base, atol=0)  # the skipped step changed nothing
+
+
 # ----------------------------------------------------------------------------- where the expert data comes from
 
 
@@ -230,25 +269,31 @@ def test_expert_data_defaults(tmp_path):
 # ----------------------------------------------------------------------------- 2 processes against 1
 
 
-def test_two_processes_match_one(tmp_path):
-    """FSDP2 over 2 processes (gloo, CPU), 2 expert examples each, takes the same expert examples as 1 process with 4
-    and normalises over the global batch: with mu = 1 the same SFT losses, before and after an update."""
+def test_two_processes_match_one(tmp_path, monkeypatch):
+    """FSDP2 over 2 processes (gloo, CPU), 4 completions and 2 expert examples each, samples the same completions and
+    takes the same expert examples as 1 process with 8 and 4, and normalises both parts over the global batch: with
+    mu = 0.5 the same rewards, GRPO and SFT losses, before and after an update."""
     import subprocess
     import sys
 
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the plugin must not outlive this test
+    plugin = tmp_path / "distinct.py"
+    plugin.write_text("def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = SMALL + ["--chord_sft_dataset", "demo#32", "--chord_mu_peak", "1", "--chord_mu_valley", "1", "--max_steps", "2",
-                      "--save_steps", "0", "--eval_limit", "0", "--per_device_train_batch_size", "4"]
+    common = SMALL + ["--chord_sft_dataset", "demo#32", "--chord_mu_peak", "0.5", "--chord_mu_valley", "0.5", "--max_steps",
+                      "2", "--save_steps", "0", "--eval_limit", "0", "--reward_plugin", str(plugin), "--reward_funcs",
+                      "accuracy", "distinct", "--temperature", "1.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "train_chord.py"] + common + ["--chord_sft_per_device_train_batch_size", "4",
-                       "--output_dir", one], cwd=root, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    p = subprocess.run(torchrun + ["train_chord.py"] + common + ["--chord_sft_per_device_train_batch_size", "2",
-                       "--output_dir", two], cwd=root, env=env, capture_output=True, text=True)
+    p = subprocess.run(torchrun + ["train_chord.py"] + common + ["--per_device_train_batch_size", "4",
+                       "--chord_sft_per_device_train_batch_size", "2", "--output_dir", two], cwd=root,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    train_chord.main(common + ["--per_device_train_batch_size", "8", "--chord_sft_per_device_train_batch_size", "4",
+                               "--output_dir", one])  # here: no start-up to wait for
     a, b = [[m for m in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" in m] for d in (one, two)]
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    assert a[0]["reward_std"] > 0 and a[0]["grpo_loss"] != 0 and a[0]["mu"] == 0.5  # both parts count
     for x, y in zip(a, b):
-        assert x["sft_loss"] == pytest.approx(y["sft_loss"], rel=1e-5)
+        for key in ("reward", "reward/distinct", "loss", "grpo_loss", "sft_loss", "entropy", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), key

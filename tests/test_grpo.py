@@ -4,10 +4,12 @@ import json
 import math
 import os
 import statistics
+import time
 
 import pytest
 import torch
 
+import data
 import rewards
 import train_grpo
 from train_grpo import grpo_loss, group_advantages
@@ -209,3 +211,246 @@ def test_lora_reference_iterations_and_dapo_options(tmp_path, monkeypatch):
     assert steps[0]["reward/spread"] == 0.5 and steps[0]["rollout_rounds"] == 1
     assert steps[1]["kl"] > 0  # the second update of a rollout has moved away from the reference
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(os.path.join(out, "checkpoint-2")))
+
+
+# ----------------------------------------------------------------------------- the seeded sampler
+
+CPU = torch.device("cpu")
+
+
+def filtered_softmax(logits, temperature, top_k, top_p):
+    """softmax(logits / T) over the top_k most likely tokens, then over the most likely of those until top_p of
+    their probability is reached (transformers' top-k and top-p warpers, in that order), written out."""
+    ranked = sorted(range(len(logits)), key=lambda v: -logits[v])[: top_k or len(logits)]
+    weights = {v: math.exp(logits[v] / temperature) for v in ranked}
+    p = {v: w / sum(weights.values()) for v, w in weights.items()}
+    kept, mass = [], 0.0
+    for v in ranked:
+        if mass >= top_p:
+            break
+        kept.append(v)
+        mass += p[v]
+    return [p[v] / mass if v in kept else 0.0 for v in range(len(logits))]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 4, 0.8), (1.5, 0, 0.9)])
+def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p):
+    logits = [2.0, 1.5, 1.0, 0.5, 0.0, -1.0]
+    expected = filtered_softmax(logits, temperature, top_k, top_p)
+    n = 4000
+    # n rows with their own seeds, one draw each; and one row drawn n times
+    across_rows = train_grpo.SeededSampler(range(n), temperature, top_k, top_p, CPU)(None, torch.tensor([logits] * n)).argmax(-1)
+    one_row = train_grpo.SeededSampler([n], temperature, top_k, top_p, CPU)
+    over_time = torch.cat([one_row(None, torch.tensor([logits])).argmax(-1) for _ in range(n)])
+    for tokens in (across_rows, over_time):
+        frequencies = (torch.bincount(tokens, minlength=len(logits)).double() / n).tolist()
+        for v, (f, p) in enumerate(zip(frequencies, expected)):
+            assert abs(f - p) <= 4 * math.sqrt(p * (1 - p) / n), (v, f, p)  # 4 sigma; a filtered token never
+
+
+def test_sampler_rows_do_not_depend_on_the_batch():
+    g = torch.Generator().manual_seed(0)
+    together = train_grpo.SeededSampler([11, 22, 33], 1.0, 10, 0.9, CPU)
+    alone = train_grpo.SeededSampler([22], 1.0, 10, 0.9, CPU)
+    for _ in range(5):
+        logits = torch.randn(3, 50, generator=g)
+        assert together(None, logits).argmax(-1)[1] == alone(None, logits[1:2]).argmax(-1)[0]
+
+
+def test_rollout_completion_depends_only_on_its_seed():
+    """The same seeds give the same completions alone, next to a longer prompt (left padding), or one generate call
+    per completion; other seeds give other completions."""
+    import dataclasses
+
+    cfg = train_grpo.parse_config(["--num_generations", "2", "--max_completion_length", "6", "--top_k", "50"])
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    model = train_grpo.load_model(cfg, CPU, False)[0]
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
+                                                                                   "colour does the circle have?"}])
+    alone, _ = train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[5, 6])
+    together, _ = train_grpo.rollout(model, encoder, [longer, samples[1]], cfg, CPU, seeds=[1, 2, 5, 6])
+    cfg.generation_batch_size = 1
+    one_by_one, _ = train_grpo.rollout(model, encoder, [longer, samples[1]], cfg, CPU, seeds=[1, 2, 5, 6])
+    assert together[2:] == alone and one_by_one == together
+    assert train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[7, 8])[0] != alone
+
+
+# ----------------------------------------------------------------------------- DAPO's overlong filter
+
+
+def test_overlong_filter_masks_truncated_completions(monkeypatch):
+    """A completion cut at max_completion_length gets no loss; one that ends with <|im_end|> at exactly that
+    length is finished and keeps it."""
+    encoder = data.Encoder(data.resolve_model("tiny-qwen2.5-vl"))
+    red, end = encoder.tokenizer.encode("red", add_special_tokens=False)[0], encoder.im_end
+    completions = [[red, red, end], [red, red, red], [end], [red, red, red]]
+    texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    monkeypatch.setattr(train_grpo, "rollout", lambda *args, **kwargs: (completions, texts))
+    train = data.load_dataset([data.demo_path("rl", "train") + "#4"], "rl", seed=0)
+    for overlong_filter, keep in (("true", [True, False, True, False]), ("false", [True] * 4)):
+        cfg = train_grpo.parse_config(["--num_generations", "2", "--per_device_train_batch_size", "4",
+                                       "--max_completion_length", "3", "--overlong_filter", overlong_filter])
+        state = {"step": 0, "epoch": 0, "cursor": 0}
+        batch, generated = train_grpo.make_rollout(None, encoder, train, list(range(4)), cfg, state, CPU, 0, 1, False)
+        assert generated["truncated"] == [0.0, 1.0, 0.0, 1.0]
+        assert batch["keep"].tolist() == keep
+        assert train_grpo.micro_batches(batch, encoder, cfg, CPU)[0]["keep"].tolist() == keep  # what masks the loss
+
+
+# ----------------------------------------------------------------------------- 2 processes against 1
+
+DISTINCT_CHARACTERS = "def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n"
+
+
+def test_two_processes_match_one(tmp_path):
+    """FSDP2 over 2 processes (gloo, CPU) with 8 completions each samples the same completions as 1 process with 16
+    (each has its own seed) and gives the same rewards, losses and gradient norms, before and after an update."""
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "distinct.py"
+    plugin.write_text(DISTINCT_CHARACTERS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = SMALL + ["--max_steps", "2", "--save_steps", "0", "--eval_limit", "0", "--eval_on_start", "false",
+                      "--reward_plugin", str(plugin), "--reward_funcs", "accuracy", "distinct", "--temperature", "1.5"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    p = subprocess.run(torchrun + ["train_grpo.py"] + common + ["--per_device_train_batch_size", "8", "--output_dir", two],
+                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    train_grpo.main(common + ["--per_device_train_batch_size", "16", "--output_dir", one])  # here: no start-up to wait for
+    a, b = [[m for m in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" in m] for d in (one, two)]
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+    assert a[0]["reward_std"] > 0 and a[0]["grad_norm"] > 0  # something to compare
+    for x, y in zip(a, b):
+        for key in ("reward", "reward/distinct", "reward_std", "completion_length", "loss", "entropy", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-5), key
+
+
+# ----------------------------------------------------------------------------- faults: SIGTERM, NaN, rewards, output_dir
+
+# SMALL without evaluation: the fault tests time steps, not held-out prompts
+FAST = SMALL + ["--eval_on_start", "false", "--eval_limit", "0", "--eval_steps", "0"]
+
+
+def test_sigterm_saves_exits_and_resume_continues_exactly(three_steps, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 2's rollout: step 2 finishes, checkpoint-2 is written, main returns (exit 0); resuming
+    from it gives the step 3 of the uninterrupted run exactly."""
+    import signal
+
+    calls, random_reward = [], rewards.REWARDS["random"]
+
+    def random_then_sigterm(completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return random_reward(completions, **kwargs)
+
+    monkeypatch.setitem(rewards.REWARDS, "random", random_then_sigterm)
+    out = str(tmp_path / "stopped")
+    args = FAST + ["--max_steps", "3", "--save_steps", "100", "--output_dir", out]
+    assert train_grpo.main(args)["step"] == 2
+    assert f"SIGTERM: saved {os.path.join(out, 'checkpoint-2')} at step 2 of 3" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    train_grpo.main(args + ["--resume_from_checkpoint", "latest"])
+    first = [m for m in read_jsonl(os.path.join(three_steps, "metrics.jsonl")) if "loss" in m]
+    again = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]
+    assert [m["step"] for m in again] == [1, 2, 3]
+    for x, y in zip(first, again):
+        for key in ("reward", "reward/random", "completion_length", "loss", "entropy", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+
+
+def nan_loss_on(steps, monkeypatch, module=train_grpo):
+    """Patch the module's grpo_loss so that its loss is NaN on the given steps (1-based; one micro-batch a step)."""
+    calls, real = [], module.grpo_loss
+
+    def grpo_loss(*args, **kwargs):
+        calls.append(1)
+        loss, metrics = real(*args, **kwargs)
+        return (loss * math.nan if len(calls) in steps else loss), metrics
+
+    monkeypatch.setattr(module, "grpo_loss", grpo_loss)
+
+
+def all_finite(checkpoint):
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(v).all() for v in load_file(os.path.join(checkpoint, "model.safetensors")).values())
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    nan_loss_on({2}, monkeypatch)
+    out = str(tmp_path / "nan")
+    state = train_grpo.main(FAST + ["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5", "--output_dir", out])
+    assert state["step"] == 3 and state["skipped_steps"] == 1
+    steps = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]
+    assert [m["skipped_steps"] for m in steps] == [0, 1, 1] and math.isnan(steps[1]["loss"])
+    weights = [load_file(os.path.join(out, f"checkpoint-{s}", "model.safetensors")) for s in (1, 2, 3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[0])  # step 3 trained again
+    assert all(all_finite(os.path.join(out, f"checkpoint-{s}")) for s in (1, 2, 3))
+
+
+def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    nan_loss_on({1, 2, 3}, monkeypatch)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="stopped at step 2: the loss or gradient norm was NaN/inf in 2 steps in a row"):
+        train_grpo.main(FAST + ["--max_steps", "5", "--save_steps", "1", "--max_bad_steps", "2", "--output_dir", out])
+    assert [m["skipped_steps"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    assert all_finite(os.path.join(out, "checkpoint-1"))
+
+
+FLAKY = '''
+import math, time
+
+def raises(completions, solution, **kwargs):
+    return [1 / 0 for s in solution]
+
+def sleeps(completions, **kwargs):
+    time.sleep(30)
+    return [0.0 for _ in completions]
+
+def nan_on_even(completions, **kwargs):
+    return [math.nan if i % 2 == 0 else 1.0 for i in range(len(completions))]
+'''
+
+
+def test_failing_rewards_raise_or_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the plugin must not outlive this test
+    monkeypatch.setattr(rewards, "_WARNED", set())
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(FLAKY)
+    args = FAST + ["--max_steps", "1", "--reward_plugin", str(plugin), "--output_dir", str(tmp_path / "run")]
+    # raise (the default): the run stops, naming the reward, the record and the cause
+    with pytest.raises(RuntimeError, match=r"reward 'raises' failed on record 0: completion=.*solution='\w+', "
+                                           r"prompts=.*What color.*: ZeroDivisionError"):
+        train_grpo.main(args + ["--reward_funcs", "accuracy", "raises"])
+    # skip: a None for the completions affected, counted per reward
+    start = time.time()
+    train_grpo.main(args + ["--reward_funcs", "accuracy", "raises", "sleeps", "nan_on_even", "--reward_error", "skip",
+                            "--reward_timeout", "0.5"])
+    assert time.time() - start < 20  # the 30 s sleep was cut short
+    step = [m for m in read_jsonl(os.path.join(tmp_path / "run", "metrics.jsonl")) if "loss" in m][-1]
+    assert step["reward_errors/accuracy"] == 0 and step["reward_errors/nan_on_even"] == 4  # 8 completions a step
+    assert step["reward_errors/sleeps"] == step["reward_errors/raises"] == 8
+    assert step["reward/nan_on_even"] == 1.0 and "reward/sleeps" not in step
+
+
+def test_unwritable_output_dir_stops_before_loading_anything(tmp_path, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the output folder")
+
+    monkeypatch.setattr(train_grpo, "load_model", load_model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="is not writable"):
+        train_grpo.main(FAST + ["--output_dir", str(tmp_path / "file" / "run")])
+    # a writable one: a checkpoint whose save was killed is removed before the run starts
+    stale = tmp_path / "run" / "checkpoint-7.tmp"
+    stale.mkdir(parents=True)
+    with pytest.raises(AssertionError, match="loaded a model"):
+        train_grpo.main(FAST + ["--output_dir", str(tmp_path / "run")])
+    assert not stale.exists()
