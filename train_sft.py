@@ -162,8 +162,10 @@ def check_output_dir(cfg):
             shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
             print(f"removed {os.path.join(cfg.output_dir, name)}: a checkpoint whose save was interrupted")
     # checkpoints on disk at once: the ones kept, plus the new one written before the oldest goes (0 keeps all: we
-    # count the first only); with --save_steps 0, only the one SIGTERM would write
+    # count the first only); with --save_steps 0, only the one SIGTERM would write. Those already there (a resumed
+    # run) take no new space.
     at_once = (cfg.save_total_limit + 1 if cfg.save_total_limit > 0 else 1) if cfg.save_steps > 0 else int(cfg.save_on_sigterm)
+    at_once -= min(len(checkpoint_dirs(cfg.output_dir)), max(at_once - 1, 0))
     size = checkpoint_size(cfg)
     free = shutil.disk_usage(cfg.output_dir).free
     if at_once * size > free:
@@ -174,9 +176,9 @@ def check_output_dir(cfg):
 
 def checkpoint_size(cfg):
     """Rough bytes of one checkpoint, from the parameter count in the model's safetensors headers (no weights read);
-    0 (no check) for a model not on disk yet. Full: fp32 weights (trainable weights are kept in fp32) and AdamW's
-    two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d weight 2 x rank x d
-    weights: at most 2 rank / d of the model."""
+    0 (no check) for a hub id: only a local folder is measured. Full: fp32 weights (trainable weights are kept in
+    fp32) and AdamW's two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d
+    weight 2 x rank x d weights: at most 2 rank / d of the model."""
     from safetensors import safe_open
 
     path = data.resolve_model(cfg.model)
@@ -188,7 +190,7 @@ def checkpoint_size(cfg):
     if cfg.train_type == "lora" and params:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        hidden_size = config.get("text_config", config)["hidden_size"]
+        hidden_size = config.get("text_config", config).get("hidden_size", 1024)  # (a guess where the config has none)
         params *= min(1.0, 2 * cfg.lora_rank / hidden_size)
     return 12 * params
 

@@ -54,8 +54,8 @@ def losses(out):
 
 
 def weights(checkpoint):
-    name = "adapter_model.safetensors" if os.path.exists(os.path.join(checkpoint, "adapter_model.safetensors")) else "model.safetensors"
-    return load_file(os.path.join(checkpoint, name))
+    adapter = os.path.join(checkpoint, "adapter_model.safetensors")
+    return load_file(adapter if os.path.exists(adapter) else os.path.join(checkpoint, "model.safetensors"))
 
 
 def assert_complete(checkpoint, weights_file="model.safetensors"):
@@ -286,7 +286,20 @@ def test_full_disk_stops_before_loading(tmp_path, script, nothing_loads, monkeyp
     args = dpo_args(tmp_path / "run", "--train_type", "full") if script is train_dpo else sft_args(tmp_path, tmp_path / "run")
     with pytest.raises(SystemExit) as stopped:
         script.main(args)
-    assert "0.0 GiB free" in str(stopped.value) and "needed for 3 checkpoint(s)" in str(stopped.value)
+    assert "0.0 GiB free" in str(stopped.value) and "needed for 3 checkpoint(s)" in str(stopped.value)  # 2 kept + 1 new
+
+
+def test_resumed_run_needs_room_for_one_new_checkpoint(tmp_path, monkeypatch):
+    """The checkpoints already written are rotated out: only the next one needs new space."""
+    cfg = train_sft.parse_config(sft_args(tmp_path, tmp_path))
+    size = train_sft.checkpoint_size(cfg)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - int(1.5 * size), int(1.5 * size)))
+    train_sft.check_output_dir(cfg)  # passes: 1 new checkpoint fits
+    (tmp_path / "checkpoint-4").rmdir()
+    with pytest.raises(SystemExit, match="needed for 2 checkpoint"):
+        train_sft.check_output_dir(cfg)
 
 
 def test_disk_estimate_is_close_to_a_real_full_checkpoint(tmp_path):
