@@ -303,12 +303,13 @@ def test_overlong_filter_masks_truncated_completions(monkeypatch):
 DISTINCT_CHARACTERS = "def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n"
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, monkeypatch):
     """FSDP2 over 2 processes (gloo, CPU) with 8 completions each samples the same completions as 1 process with 16
     (each has its own seed) and gives the same rewards, losses and gradient norms, before and after an update."""
     import subprocess
     import sys
 
+    monkeypatch.setattr(rewards, "REWARDS", dict(rewards.REWARDS))  # the plugin must not outlive this test
     plugin = tmp_path / "distinct.py"
     plugin.write_text(DISTINCT_CHARACTERS)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -454,3 +455,24 @@ def test_unwritable_output_dir_stops_before_loading_anything(tmp_path, monkeypat
     with pytest.raises(AssertionError, match="loaded a model"):
         train_grpo.main(FAST + ["--output_dir", str(tmp_path / "run")])
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("module", ["train_grpo", "train_chord"])
+def test_trust_remote_code_reaches_from_pretrained(module, monkeypatch):
+    import importlib
+
+    from transformers import AutoModelForImageTextToText
+
+    script, seen = importlib.import_module(module), []
+
+    def from_pretrained(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise StopIteration  # enough: the call was made
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
+    for trust in ("true", "false"):
+        cfg = script.parse_config(["--trust_remote_code", trust])
+        for reference in (False, True):  # the policy and the frozen reference
+            with pytest.raises(StopIteration):
+                script.load_model(cfg, CPU, False, reference=reference)
+    assert seen == [True, True, False, False]
