@@ -351,9 +351,10 @@ def test_sigterm_saves_exits_and_resume_continues_exactly(three_steps, tmp_path,
     monkeypatch.setitem(rewards.REWARDS, "random", random_then_sigterm)
     out = str(tmp_path / "stopped")
     args = FAST + ["--max_steps", "3", "--save_steps", "100", "--output_dir", out]
+    handler = signal.getsignal(signal.SIGTERM)
     assert train_grpo.main(args)["step"] == 2
     assert f"SIGTERM: saved {os.path.join(out, 'checkpoint-2')} at step 2 of 3" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
     train_grpo.main(args + ["--resume_from_checkpoint", "latest"])
     first = [m for m in read_jsonl(os.path.join(three_steps, "metrics.jsonl")) if "loss" in m]
     again = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]
