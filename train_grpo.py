@@ -153,6 +153,8 @@ def parse_config(argv=None):
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if cfg.temperature <= 0:
+        raise SystemExit("--temperature must be > 0: completions are sampled, and the loss scores the policy at that temperature")
     if cfg.num_generations < 2:
         raise SystemExit("--num_generations must be at least 2: the advantage compares completions of one prompt")
     if cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps % cfg.num_generations:
