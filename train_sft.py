@@ -295,14 +295,15 @@ def chunk_logps(logits, targets):
 
 
 def token_logps(model, batch, device, chunk_size=1024):
-    """-> (log-probabilities of the labelled tokens [N], their count). Positions are shared across the batch rows."""
-    labels = batch["labels"].to(device)
-    keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
+    """-> (log-probabilities of the labelled tokens [N], N). Positions are shared across the batch rows. Which tokens
+    are labelled is read from the labels while they are still on the CPU, so the GPU is never waited for here."""
+    labelled = batch["labels"] != data.IGNORE
+    keep = labelled.any(0).nonzero().squeeze(1)  # columns with a label in some row
+    targets = batch["labels"][:, keep][labelled[:, keep]].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, keep]
-    mask = targets != data.IGNORE
-    logits, targets = logits[mask], targets[mask]
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device), use_cache=False).logits
+    # one row (packed) has a label in every kept column; padded rows need the mask (a boolean index: one sync)
+    logits = logits[0] if len(logits) == 1 else logits[labelled[:, keep].to(device)]
     logps = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
              for i in range(0, len(targets), chunk_size)]
     return torch.cat(logps) if logps else logits.new_zeros(0), len(targets)
@@ -549,10 +550,11 @@ def main(argv=None):
                 last = i == len(micro_batches) - 1
                 if distributed:
                     model.set_requires_gradient_sync(last)  # reduce gradients once per step, not per micro-batch
-                logps, _ = token_logps(model, batch, device)
+                logps, n = token_logps(model, batch, device)
                 loss = -logps.sum() / n_global * world_size  # FSDP averages gradients over processes
                 loss.backward()
-                step_sums += torch.stack([-logps.detach().sum(), torch.tensor(float(len(logps)), device=device)])
+                step_sums[0] -= logps.detach().sum()
+                step_sums[1] += n
                 window["tokens"] += batch["input_ids"].numel()
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
