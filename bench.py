@@ -144,7 +144,7 @@ def run_script(script, model_dir, dataset, out_dir, steps, warmup, flags):
            "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0", "--eval_generate", "0",
            "--eval_steps", str(10**9), "--warmup_steps", "1"] + flags
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=1800)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         steps_logged = [m for m in map(json.loads, f) if "tokens_per_s" in m][warmup:]
     seconds = sum(1 / m["tokens_per_s"] for m in steps_logged)  # equal tokens per step: the harmonic mean
@@ -257,13 +257,6 @@ def bench_sft(args):
     name = f"SFT {args.train_type}, {args.shape}, 1 x {args.seq_len} text tokens"
     results.append((name, "this repo (train_sft.py)",
                     run_script("train_sft.py", model_dir, text_file, os.path.join(work, "out"), args.steps, args.warmup, flags), text_flops))
-    for other in args.against:
-        runner = {"hf": run_hf_loop, "trl": run_trl_sft}[other]
-        label = {"hf": "plain transformers loop", "trl": "TRL SFTTrainer"}[other]
-        try:
-            results.append((name, label, runner(model_dir, rows, args.steps, args.warmup, args.train_type == "lora"), text_flops))
-        except Exception as e:  # a framework that cannot run here is reported, not hidden
-            results.append((name, label, {"error": f"{type(e).__name__}: {e}"[:200]}, text_flops))
     if args.images:
         image_file = os.path.join(work, "images.jsonl")
         write_image_records(image_file, tokenizer, args.images, args.reply_tokens, args.image_size)
@@ -274,6 +267,13 @@ def bench_sft(args):
                         f"{len(image_rows[0])}-token image examples", "this repo (train_sft.py)",
                         run_script("train_sft.py", model_dir, image_file, os.path.join(work, "out-images"), args.steps,
                                    args.warmup, image_flags), flops))
+    for other in args.against:
+        runner = {"hf": run_hf_loop, "trl": run_trl_sft}[other]
+        label = {"hf": "plain transformers loop", "trl": "TRL SFTTrainer"}[other]
+        try:
+            results.append((name, label, runner(model_dir, rows, args.steps, args.warmup, args.train_type == "lora"), text_flops))
+        except Exception as e:  # a framework that cannot run here is reported, not hidden
+            results.append((name, label, {"error": f"{type(e).__name__}: {e}"[:200]}, text_flops))
     return results
 
 
@@ -281,7 +281,8 @@ def print_table(results):
     ours = {}
     print("| workload | framework | tokens/s per GPU | vs this repo | MFU | peak GiB |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for workload, framework, m, flops in results:
+    first_seen = [workload for workload, *_ in results]
+    for workload, framework, m, flops in sorted(results, key=lambda r: first_seen.index(r[0])):
         if "error" in m:
             print(f"| {workload} | {framework} | failed: {m['error']} | | | |")
             continue
