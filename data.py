@@ -16,8 +16,10 @@ import math
 import os
 import random
 import re
+import reprlib
 import struct
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +28,8 @@ from PIL import Image
 
 IMAGE_TAG, VIDEO_TAG = "<image>", "<video>"
 IGNORE = -100  # label value for tokens that carry no loss
+SPECIAL_TOKEN_IN_TEXT = re.compile(r"<\|(?:im_start|im_end|vision_start|vision_end|image_pad|video_pad)\|>")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs; what is left is a broken escape
 
 # ----------------------------------------------------------------------------------------------------------------
 # Records -> samples
@@ -62,8 +66,8 @@ def _media_item(value):
     """A media entry is a path string or {"path"|"image"|"video"|"url": path}."""
     if isinstance(value, dict):
         value = value.get("path") or value.get("image") or value.get("video") or value.get("url")
-    if not isinstance(value, str) or not value:
-        raise BadRecord(f"media entry {value!r} is not a path; give a file path string")
+    if not isinstance(value, str) or not value:  # reprlib: a short repr, even of a huge or deeply nested value
+        raise BadRecord(f"media entry {reprlib.repr(value)} is not a path; give a file path string")
     return value
 
 
@@ -77,6 +81,8 @@ def _content_to_text(content, images, videos):
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
+            if not isinstance(part.get("text", ""), str):  # else `text +=` raises TypeError
+                raise BadRecord(f"text part {reprlib.repr(part)} needs a string 'text'")
             text += part.get("text", "")
         elif kind in ("image", "image_url", "video"):
             tag, media = (VIDEO_TAG, videos) if kind == "video" else (IMAGE_TAG, images)
@@ -85,17 +91,17 @@ def _content_to_text(content, images, videos):
                 media.append(_media_item(ref["url"] if isinstance(ref, dict) and "url" in ref else ref))
             text += tag
         else:
-            raise BadRecord(f"content part {part!r} has no type text, image or video; give each part a 'type'")
+            raise BadRecord(f"content part {reprlib.repr(part)} has no type text, image or video; give it a 'type'")
     return text
 
 
-def _reply_text(value, images, videos):
+def _reply_text(value):
     """A DPO chosen/rejected reply: a string, one message, or a message list ending with the assistant reply."""
     if isinstance(value, list) and value:
         value = value[-1]
     if isinstance(value, dict):
         value = value.get("content", value.get("value"))
-    text = _content_to_text(value, images, videos) if value is not None else None
+    text = _content_to_text(value, [], []) if value is not None else None  # media in a reply: refused by the caller
     if not isinstance(text, str) or not text.strip():
         raise BadRecord("the DPO reply is empty; give chosen and rejected replies as non-empty text")
     return text
@@ -105,6 +111,10 @@ def record_to_sample(record, stage):
     """One JSON record in any of the four formats -> Sample. `stage` is sft, pretrain, dpo or rl."""
     if not isinstance(record, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+    if stage == "auto":  # `data.py check` without --stage: pairs are DPO, texts pretraining, prompts RL, the rest SFT
+        last = record["messages"][-1] if isinstance(record.get("messages"), list) and record["messages"] else None
+        stage = ("dpo" if {"rejected_response", "rejected"} & record.keys() else "pretrain" if "text" in record
+                 else "rl" if isinstance(last, dict) and last.get("role") == "user" else "sft")
     images = [_media_item(x) for x in _as_list(record.get("images", record.get("image")))]
     videos = [_media_item(x) for x in _as_list(record.get("videos", record.get("video")))]
     known = {"images", "image", "videos", "video"}
@@ -115,7 +125,7 @@ def record_to_sample(record, stage):
             raise BadRecord("'messages' must be a list of {role, content}")
         for m in record["messages"]:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise BadRecord(f"message {m!r} needs 'role' and 'content'")
+                raise BadRecord(f"message {reprlib.repr(m)} needs 'role' and 'content'")
             messages.append({"role": m["role"], "content": _content_to_text(m["content"], images, videos)})
     elif "conversations" in record:  # ShareGPT / Qwen official
         known |= {"conversations", "chosen", "rejected", "system"}
@@ -125,15 +135,16 @@ def record_to_sample(record, stage):
             messages.append({"role": "system", "content": record["system"]})
         for m in record["conversations"]:
             if not isinstance(m, dict) or "from" not in m or "value" not in m:
-                raise BadRecord(f"conversation turn {m!r} needs 'from' and 'value'")
-            if m["from"] not in ROLE_NAMES:
-                raise BadRecord(f"unknown speaker {m['from']!r}; use human, gpt or system")
+                raise BadRecord(f"conversation turn {reprlib.repr(m)} needs 'from' and 'value'")
+            if not isinstance(m["from"], str) or m["from"] not in ROLE_NAMES:  # (a list is unhashable: TypeError)
+                raise BadRecord(f"unknown speaker {reprlib.repr(m['from'])}; use human, gpt or system")
             messages.append({"role": ROLE_NAMES[m["from"]], "content": m["value"]})
     elif "query" in record or "response" in record:  # ms-swift
         known |= {"query", "response", "history", "system", "rejected_response"}
         if record.get("system"):
             messages.append({"role": "system", "content": record["system"]})
-        for turn in record.get("history") or []:
+        history = record.get("history") or []
+        for turn in history if isinstance(history, list) else [None]:  # a number would raise TypeError (not iterable)
             if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
                 raise BadRecord("'history' must be a list of [query, response] pairs")
             messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
@@ -144,30 +155,43 @@ def record_to_sample(record, stage):
         known |= {"text"}
         text = record["text"]
         if not isinstance(text, str) or not text.strip():
-            raise BadRecord("'text' is empty; give the pretraining text")
+            raise BadRecord(f"'text' must be a non-empty string, got {reprlib.repr(text)}; give the pretraining text")
     else:
         raise BadRecord("unknown format: expected one of the keys messages, conversations, query/response or text")
     for m in messages:
         if not isinstance(m["content"], str):
-            raise BadRecord(f"message content must be text, got {m['content']!r}")
+            raise BadRecord(f"message content must be text, got {reprlib.repr(m['content'])}")
         if m["role"] not in ("system", "user", "assistant"):
-            raise BadRecord(f"unknown role {m['role']!r}; use system, user or assistant")
+            raise BadRecord(f"unknown role {reprlib.repr(m['role'])}; use system, user or assistant")
 
     if stage == "dpo":
         if "rejected_response" in record:
-            rejected = _reply_text(record["rejected_response"], images, videos)
+            rejected = _reply_text(record["rejected_response"])
         elif "chosen" in record and "rejected" in record:
-            chosen = _reply_text(record["chosen"], images, videos)
-            rejected = _reply_text(record["rejected"], images, videos)
+            chosen = _reply_text(record["chosen"])
+            rejected = _reply_text(record["rejected"])
             if messages and messages[-1]["role"] == "assistant":
                 messages.pop()
             messages.append({"role": "assistant", "content": chosen})
         else:
             raise BadRecord("a DPO record needs 'rejected_response', or 'chosen' and 'rejected'")
+        # the rejected reply replaces the chosen one when encoded: a tag in either would give one side an image
+        # the other lacks (and a pad count that matches no image)
+        replies = [rejected] + [m["content"] for m in messages[-1:] if m["role"] == "assistant"]
+        if any(tag in reply for reply in replies for tag in (IMAGE_TAG, VIDEO_TAG)):
+            raise BadRecord("a DPO reply holds an <image> or <video> tag; put media in the prompt both replies share")
     if stage == "rl" and messages and messages[-1]["role"] == "assistant":
         messages.pop()  # an RL prompt ends with the user turn; a reference reply stays available as `solution`
     if text is None:
         _check_roles(messages, stage)
+    # text that would forge the chat template or the vision pads (the encoder would crash or mislabel), and lone
+    # surrogates from a broken \ud800 escape (the tokenizer and UTF-8 output refuse them), stop here with the line
+    for value in [m["content"] for m in messages] + [text or "", rejected or ""] + images + videos:
+        if found := SPECIAL_TOKEN_IN_TEXT.search(value):
+            raise BadRecord(f"the text holds the special token {found.group()}, which only the chat template writes; "
+                            f"remove it (write <image> or <video> for media)")
+        if LONE_SURROGATE.search(value):
+            raise BadRecord("the text holds a lone UTF-16 surrogate (a broken \\ud800-\\udfff escape); fix the text")
     _place_media_tags(messages, images, videos, text)
     extra = {k: v for k, v in record.items() if k not in known} if stage == "rl" else {}
     return Sample(messages=messages, images=images, videos=videos, text=text, rejected=rejected, extra=extra)
@@ -210,23 +234,28 @@ def _read_records(path):
     except OSError as e:
         raise BadRecord(f"{path}: cannot read the dataset file ({e.strerror})") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
-    if raw.lstrip().startswith(b"["):  # JSON array: decode element by element to know each one's line
+    # json raises JSONDecodeError for syntax, ValueError for numbers over 4300 digits, RecursionError for deep nesting
+    invalid = lambda e: f"invalid JSON ({getattr(e, 'msg', e)}{f' at column {e.colno}' if hasattr(e, 'colno') else ''})"
+    if raw.lstrip().startswith(b"[") and not path.endswith(".jsonl"):  # JSON array: element by element, for lines
         try:
             content = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             line = raw[: e.start].count(b"\n") + 1
             raise BadRecord(f"{path}:{line}: not UTF-8 text (byte {e.start}); re-save the file as UTF-8") from None
-        decoder, pos = json.JSONDecoder(), content.index("[") + 1
+        decoder, pos, line, counted = json.JSONDecoder(), content.index("[") + 1, 1, 0
         while True:
             while pos < len(content) and content[pos] in " \t\r\n,":
                 pos += 1
+            line, counted = line + content.count("\n", counted, pos), pos  # counted as we go: linear in the file size
             if pos >= len(content) or content[pos] == "]":
+                if content[pos + 1 :].strip():  # JSON Lines whose first record is a list: say so, never drop the rest
+                    yield line, BadRecord("text after the JSON array's closing ']'; a .json file holds one array "
+                                          "(name a JSON Lines file .jsonl)")
                 return
-            line = content.count("\n", 0, pos) + 1
             try:
                 record, pos = decoder.raw_decode(content, pos)
-            except json.JSONDecodeError as e:
-                yield line, BadRecord(f"invalid JSON ({e.msg}); fix the syntax")
+            except (ValueError, RecursionError) as e:
+                yield line, BadRecord(invalid(e) + "; fix the syntax")
                 return  # the rest of an array cannot be located after a syntax error
             yield line, record
     # JSONL: split on b"\n" only (str.splitlines would also split inside strings at U+2028, U+0085, ...)
@@ -236,8 +265,8 @@ def _read_records(path):
                 yield line, json.loads(row.decode("utf-8"))
             except UnicodeDecodeError as e:
                 yield line, BadRecord(f"not UTF-8 text (byte {e.start} of the line); re-save the file as UTF-8")
-            except json.JSONDecodeError as e:
-                yield line, BadRecord(f"invalid JSON ({e.msg} at column {e.colno}); fix the syntax or remove the line")
+            except (ValueError, RecursionError) as e:
+                yield line, BadRecord(invalid(e) + "; fix the syntax or remove the line")
 
 
 def resolve_media(path, data_file, media_root):
@@ -252,30 +281,16 @@ def resolve_media(path, data_file, media_root):
     raise BadRecord(f"media file {path} not found (looked in {', '.join(candidates)}); fix the path or set --media_root")
 
 
-def check_media(path):
-    """Open a media file far enough to know it decodes; raise BadRecord otherwise."""
+def check_media(path, video=False):
+    """Decode a media file as training will (a video's frames sampled as by default); raise BadRecord if it fails.
+    Whether it is a video comes from the record, not the file name: a picture given as a video fails here too."""
     if os.path.getsize(path) == 0:
         raise BadRecord(f"media file {path} is empty (0 bytes); replace the file")
-    if path.lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):
-        try:
-            import decord
-
-            if len(decord.VideoReader(path)) == 0:
-                raise BadRecord(f"video {path} has no frames; replace the file")
-        except BadRecord:
-            raise
-        except Exception as e:
-            raise BadRecord(f"video {path} cannot be read ({str(e).splitlines()[0][:120]}); re-encode it as mp4") from None
-        return
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                raise BadRecord(f"image {path} is empty (0 pixels); replace the file")
-    except BadRecord:
-        raise
-    except Exception as e:
-        raise BadRecord(f"image {path} is corrupt or not an image ({type(e).__name__}); replace the file") from None
+    if video:  # all frames training reads: a file whose header opens can still be cut short
+        v = VisionConfig()
+        read_video(path, v.fps, v.video_min_frames, v.video_max_frames)
+    else:
+        load_image(path)
 
 
 def load_file(path, stage, media_root=None, skip_bad_records=False, check_media_files=False):
@@ -291,7 +306,7 @@ def load_file(path, stage, media_root=None, skip_bad_records=False, check_media_
                 sample.videos = [resolve_media(p, path, media_root) for p in sample.videos]
                 if check_media_files:
                     for p in sample.images + sample.videos:
-                        check_media(p)
+                        check_media(p, video=p in sample.videos)
                 sample.source = f"{path}:{line}"
                 samples.append(sample)
             except BadRecord as e:
@@ -311,7 +326,9 @@ def load_dataset(specs, stage, seed=0, media_root=None, skip_bad_records=False):
     """`a.jsonl b.json%50 c.jsonl#2000`: a whole file, a percentage or a count of it, sampled with the seed."""
     samples = []
     for spec in specs:
-        match = re.fullmatch(r"(.+?)(?:([%#])(\d+(?:\.\d+)?))?", spec)
+        match = isinstance(spec, str) and re.fullmatch(r"(.+?)(?:([%#])(\d+(?:\.\d+)?))?", spec)
+        if not match:  # "" (e.g. `--dataset ""`) matched nothing, and .groups() raised AttributeError
+            raise BadRecord(f"empty dataset spec {spec!r}; give a file: data.jsonl, data.jsonl%50 or data.jsonl#1000")
         path, kind, amount = match.groups()
         file_samples, errors = load_file(path, stage, media_root, skip_bad_records)
         if errors:
@@ -356,27 +373,42 @@ def smart_resize(height, width, factor, min_pixels, max_pixels):
 
 
 def load_image(path):
+    """-> RGB image. The size is judged from the header, before any pixel is decoded: PIL refuses an image above
+    twice Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file declaring billions of pixels) but only warns
+    above once that, so the warning is an error here."""
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if max(w, h) > 200 * min(w, h):  # smart_resize would refuse it after decoding
+                    raise BadRecord(f"image {path} is {w}x{h} pixels: a side of 0 or aspect ratio above 200:1; crop it")
+                return img.convert("RGB")
+    except BadRecord:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRecord(f"image {path} is too large to decode ({e}); downscale it") from None
     except Exception as e:
-        raise BadRecord(f"image {path} cannot be decoded ({type(e).__name__}); replace the file") from None
+        reason = f"{type(e).__name__}: {str(e)[:100]}"
+        raise BadRecord(f"image {path} is corrupt or not an image ({reason}); replace the file") from None
 
 
 def read_video(path, fps, min_frames, max_frames, frame_factor=2):
     """Sample frames at `fps` with decord -> (uint8 array [T, H, W, 3], frame indices, the video's own fps)."""
     import decord
 
-    try:
+    try:  # decord raises its own errors both for files it cannot open and for frames it cannot decode
         reader = decord.VideoReader(path)
+        total, video_fps = len(reader), reader.get_avg_fps() or 24.0
+        n = total / video_fps * fps
+        n = min(max(n, min_frames), max_frames, total)
+        n = max(frame_factor, int(n // frame_factor) * frame_factor)
+        indices = np.linspace(0, total - 1, n).round().astype(int)
+        frames = reader.get_batch(indices.tolist()).asnumpy()
     except Exception as e:
-        raise BadRecord(f"video {path} cannot be read ({str(e).splitlines()[0][:120]}); re-encode it as mp4") from None
-    total, video_fps = len(reader), reader.get_avg_fps() or 24.0
-    n = total / video_fps * fps
-    n = min(max(n, min_frames), max_frames, total)
-    n = max(frame_factor, int(n // frame_factor) * frame_factor)
-    indices = np.linspace(0, total - 1, n).round().astype(int)
-    return reader.get_batch(indices.tolist()).asnumpy(), indices, video_fps
+        reason = re.sub(r"\[\d\d:\d\d:\d\d\] \S+ ", "", (str(e).splitlines() or [""])[0])  # less decord's time, source
+        raise BadRecord(f"video {path} cannot be read ({reason[:160]}); re-encode it as mp4") from None
+    return frames, indices, video_fps
 
 
 def patchify(frames, patch_size, temporal_patch_size, merge_size):
@@ -923,28 +955,10 @@ def check_main(argv):
     args = parser.parse_args(argv)
     total = bad = 0
     for path in args.files:
-        try:
-            records = list(_read_records(path))
-        except BadRecord as e:
-            print(e)
-            bad += 1
-            continue
-        for line, record in records:
-            total += 1
-            try:
-                if isinstance(record, Exception):
-                    raise record
-                stage = args.stage
-                if stage == "auto" and isinstance(record, dict):
-                    last = (record.get("messages") or [{}])[-1]
-                    stage = ("dpo" if {"rejected_response", "rejected"} & record.keys() else "pretrain" if "text" in record
-                             else "rl" if isinstance(last, dict) and last.get("role") == "user" else "sft")
-                sample = record_to_sample(record, stage)
-                for p in sample.images + sample.videos:
-                    check_media(resolve_media(p, path, args.media_root))
-            except BadRecord as e:
-                print(f"{path}:{line}: {e}")
-                bad += 1
+        samples, errors = load_file(path, args.stage, args.media_root, skip_bad_records=True, check_media_files=True)
+        for error in errors:
+            print(error)
+        total, bad = total + len(samples) + len(errors), bad + len(errors)
     print(f"{total} record(s) checked, {bad} bad")
     return 1 if bad else 0
 
