@@ -236,7 +236,7 @@ def _read_records(path):
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some editors write
     # json raises JSONDecodeError for syntax, ValueError for numbers over 4300 digits, RecursionError for deep nesting
     invalid = lambda e: f"invalid JSON ({getattr(e, 'msg', e)}{f' at column {e.colno}' if hasattr(e, 'colno') else ''})"
-    if raw.lstrip().startswith(b"[") and not path.endswith(".jsonl"):  # JSON array: element by element, for lines
+    if raw.lstrip().startswith(b"[") and not path.lower().endswith(".jsonl"):  # JSON array: element by element, for lines
         try:
             content = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -310,7 +310,7 @@ def load_file(path, stage, media_root=None, skip_bad_records=False, check_media_
                 sample.source = f"{path}:{line}"
                 samples.append(sample)
             except BadRecord as e:
-                error = f"{path}:{line}: {e}"
+                error = f"{path}:{line}: {e}".replace("\n", "\\n").replace("\r", "\\r")  # one line per record
                 if not skip_bad_records:
                     raise BadRecord(error + " (or pass --skip_bad_records)") from None
                 errors.append(error)
