@@ -908,18 +908,23 @@ def write_mjpeg_avi(path, frames, fps):
 
 
 def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
-    """Write the demo task: images/ and {sft,cpt,dpo,rl}_{train,val}.jsonl. Returns out_dir. Idempotent."""
+    """Write the demo task: images/ and {sft,cpt,dpo,rl}_{train,val}.jsonl. Returns out_dir. Idempotent.
+    Processes that build it at once (torchrun ranks on a fresh machine) write the same bytes; each file is written
+    under a private name and renamed, so no reader ever sees a half-written one."""
     done = os.path.join(out_dir, "DONE-v2")
     if os.path.exists(done):
         return out_dir
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    private = f".{os.getpid()}.tmp"
     for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 10_000)):
         rng = random.Random(split_seed)
-        files = {stage: open(os.path.join(out_dir, f"{stage}_{split}.jsonl"), "w") for stage in ("sft", "cpt", "dpo", "rl")}
+        paths = {stage: os.path.join(out_dir, f"{stage}_{split}.jsonl") for stage in ("sft", "cpt", "dpo", "rl")}
+        files = {stage: open(path + private, "w") for stage, path in paths.items()}
         for i in range(n):
             color = rng.choice(sorted(DEMO_COLORS))
             name = f"images/{split}_{i:05d}.png"
-            demo_image(rng, color).save(os.path.join(out_dir, name))
+            demo_image(rng, color).save(os.path.join(out_dir, name) + private, format="PNG")
+            os.replace(os.path.join(out_dir, name) + private, os.path.join(out_dir, name))
             wrong = rng.choice([c for c in sorted(DEMO_COLORS) if c != color])
             rows = {"sft": {"messages": [{"role": "user", "content": f"<image>{DEMO_QUESTION}"},
                                          {"role": "assistant", "content": color}], "images": [name]},
@@ -930,8 +935,9 @@ def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
                            "solution": color}}
             for stage, row in rows.items():
                 files[stage].write(json.dumps(row) + "\n")
-        for f in files.values():
+        for stage, f in files.items():
             f.close()
+            os.replace(paths[stage] + private, paths[stage])
     open(done, "w").close()
     return out_dir
 
