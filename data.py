@@ -659,6 +659,8 @@ def collate(examples, packing, pad_token_id=0):
         batch["position_ids"] = torch.cat([e["position_ids"] for e in examples], dim=1)[:, None]
         batch["cu_seqlens"] = torch.tensor([0] + lengths).cumsum(0).int()
         batch["attention_mask"] = None
+        # for varlen_attention (GPU): where each example starts, and the longest, known here without a GPU sync
+        batch["packed_cu_seqlens"], batch["packed_max_seqlen"] = batch["cu_seqlens"], max(lengths)
     else:
         T = max(lengths)
         pad = lambda x, value: torch.nn.functional.pad(x, (0, T - x.shape[-1]), value=value)
@@ -671,6 +673,65 @@ def collate(examples, packing, pad_token_id=0):
         parts = [e[key] for e in examples if key in e]
         batch[key] = torch.cat(parts) if parts else None
     return batch
+
+
+PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen")  # model keyword arguments of a packed batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention over packed rows on GPU: one variable-length flash kernel call per layer instead of a [T, T] mask, and
+# one call per vision block instead of one per image window.
+
+VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks then hand over their cu_seqlens
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
+    Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
+    training batch (packed_cu_seqlens, causal). Anything else (generation with a KV cache, padded rows) is SDPA with
+    the mask transformers built. On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_seqlens is None:
+        cu_seqlens, max_seqlen = kwargs.get("packed_cu_seqlens"), kwargs.get("packed_max_seqlen")
+    if cu_seqlens is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    causal = getattr(module, "is_causal", True)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: as many key/value heads as query heads
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if q.is_cuda:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        options = inspect.signature(varlen_attn).parameters  # torch 2.10 takes is_causal, later ones window_size
+        extra = {"is_causal": causal} if "is_causal" in options else {"window_size": (-1, 0) if causal else (-1, -1)}
+        if "scale" in options:
+            extra["scale"] = scaling
+        cu_seqlens = cu_seqlens.to(q.device, torch.int32)
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), **extra)
+    else:
+        bounds = cu_seqlens.tolist()
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scaling
+        ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+    return out[None], None
+
+
+def use_varlen_attention(model):
+    """Switch a loaded Qwen-VL model (language model and vision tower) to varlen_attention."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def mask(**kwargs):  # no padding: no mask (varlen_attention or SDPA's is_causal); padding: SDPA's mask
+        return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, mask)
+    model.config._attn_implementation = VARLEN_ATTENTION  # set on the text and vision configs too
+    return model
 
 
 class EncodedDataset(torch.utils.data.Dataset):

@@ -91,7 +91,7 @@ class Config:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | varlen: packed rows through one variable-length flash kernel
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights between forward and backward (ZeRO-2-like)
@@ -352,8 +352,11 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     # GPU: frozen weights (and the reference) in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts
     # to bf16 for compute, see shard_model); CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation == "varlen":
+        data.use_varlen_attention(model)
     model.config.use_cache = False
     if reference:
         return model.requires_grad_(False).eval().to(device)
@@ -395,8 +398,9 @@ def shard_model(model, cfg, device, reference=False):
 # chunks (recomputed in backward), so no [T, vocab] fp32 tensor is ever held; then summed per packed sequence.
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+            for k in keys if batch.get(k) is not None}
 
 
 def chunk_logps(logits, targets):

@@ -108,7 +108,7 @@ class Config:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | varlen: packed rows through one variable-length flash kernel
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True
@@ -245,9 +245,12 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
     # autocast; CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=cfg.attn_implementation,
+                                                        attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation == "varlen":
+        data.use_varlen_attention(model)
     model.config.use_cache = False
     if reference:
         return model.requires_grad_(False).eval().to(device), 0, 0
@@ -549,8 +552,9 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
 # completion positions only and the fp32 log-softmax taken in chunks (recomputed in backward).
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+            for k in keys if batch.get(k) is not None}
 
 
 def chunk_logps(logits, targets, temperature):

@@ -77,7 +77,7 @@ class Config:
     num_train_epochs: float = 2.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | varlen: packed rows through one variable-length flash kernel
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights between forward and backward (ZeRO-2-like)
@@ -245,9 +245,12 @@ def load_model(cfg, device, distributed, weights=None):
     # GPU: frozen weights in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts to bf16 for
     # compute, see shard_model); CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=cfg.attn_implementation,
+                                                        attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation == "varlen":
+        data.use_varlen_attention(model)
     if cfg.train_type == "lora":
         targets = cfg.target_modules
         targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
@@ -286,8 +289,9 @@ def shard_model(model, cfg, device):
 # log-softmax taken in chunks (recomputed in backward), so no [T, vocab] fp32 tensor is ever held.
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+            for k in keys if batch.get(k) is not None}
 
 
 def chunk_logps(logits, targets):

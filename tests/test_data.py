@@ -49,7 +49,10 @@ def encoder(encoders, tiny_model_path):
 def load_model(path, attn_implementation):
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    implementation = "sdpa" if attn_implementation == "varlen" else attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation=implementation)
+    if attn_implementation == "varlen":
+        data.use_varlen_attention(model)
     return model.eval()
 
 
@@ -65,7 +68,7 @@ def label_logps(model, batch):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        attention_mask=batch.get("attention_mask"), use_cache=False,
-                       **{key: batch.get(key) for key in data.VISION_KEYS}).logits
+                       **{key: batch.get(key) for key in data.VISION_KEYS + data.PACKED_KEYS}).logits
     labels = batch["labels"]
     logps = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     return logps[labels != IGNORE]
@@ -98,7 +101,7 @@ def mixed_examples(encoders, media):
 # ----------------------------------------------------------------------------- 1. packed == one by one
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "varlen"])
 def test_packed_and_padded_equal_one_by_one(tiny_model_path, mixed_examples, attn_implementation):
     model = load_model(tiny_model_path, attn_implementation)
     examples = mixed_examples[tiny_model_path]
@@ -118,6 +121,26 @@ def test_packed_and_padded_equal_one_by_one(tiny_model_path, mixed_examples, att
     reordered = label_logps(model, data.collate([examples[i] for i in order], packing=True))
     expected = torch.cat([one_by_one(model, examples[i]) for i in order])
     assert (reordered - expected).abs().max() < 1e-4
+
+
+def test_varlen_attention_sees_every_boundary(tiny_model_path, mixed_examples):
+    """With varlen attention, every vision block gets its images' / windows' boundaries and every decoder layer the
+    packed row's; nothing falls back to one attention over the whole row."""
+    from transformers import AttentionInterface
+
+    model, calls = load_model(tiny_model_path, "varlen"), {"vision": 0, "packed": 0, "other": 0}
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls["vision" if "cu_seq_lens_q" in kwargs else "packed" if "packed_cu_seqlens" in kwargs else "other"] += 1
+        return data.varlen_attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(data.VARLEN_ATTENTION, spy)
+    try:
+        label_logps(model, data.collate(mixed_examples[tiny_model_path], packing=True))
+    finally:
+        AttentionInterface.register(data.VARLEN_ATTENTION, data.varlen_attention)
+    assert calls["packed"] == model.config.text_config.num_hidden_layers
+    assert calls["vision"] >= model.config.vision_config.depth and calls["other"] == 0
 
 
 def test_positions_equal_the_models_own(tiny_model_path, mixed_examples, encoders):
