@@ -176,6 +176,7 @@ def run_hf_loop(model_dir, rows, steps, warmup, lora):
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model.train()  # from_pretrained gives eval mode, where transformers skips activation checkpointing
     if lora:
         import lora as lora_module
 

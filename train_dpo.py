@@ -91,7 +91,7 @@ class Config:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"  # sdpa | eager | varlen: packed rows through one variable-length flash kernel
+    attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights between forward and backward (ZeRO-2-like)

@@ -124,6 +124,7 @@ def test_mu_1_step_equals_sft_step_by_hand(tmp_path):
 
     path = data.resolve_model("tiny-qwen2.5-vl")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    data.use_varlen_attention(model)  # the scripts' default attention (the same sums in another order would differ)
     model.train()
     encoder = data.Encoder(path)
     samples = data.load_dataset([data.demo_path("sft", "train") + "#32"], "sft", seed=42)
