@@ -821,7 +821,8 @@ def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
 
 
 def check_output_dir(cfg):
-    """Before any slow work: --output_dir must be writable; a checkpoint-N.tmp left by a killed save is removed."""
+    """Before any slow work: --output_dir must be writable and hold the checkpoints to come; a checkpoint-N.tmp left
+    by a killed save is removed."""
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         probe = os.path.join(cfg.output_dir, f".write_test-{os.getpid()}")
@@ -834,6 +835,38 @@ def check_output_dir(cfg):
         if name.startswith("checkpoint-") and name.endswith(".tmp"):  # a save killed half-way (resume never reads it)
             shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
             print(f"removed {os.path.join(cfg.output_dir, name)}: a checkpoint whose save was interrupted")
+    # checkpoints on disk at once: the ones kept, plus the new one written before the oldest goes (0 keeps all: we
+    # count the first only); with --save_steps 0, only the one SIGTERM would write. Those already there (a resumed
+    # run) take no new space.
+    at_once = (cfg.save_total_limit + 1 if cfg.save_total_limit > 0 else 1) if cfg.save_steps > 0 else int(cfg.save_on_sigterm)
+    at_once -= min(len(checkpoint_dirs(cfg.output_dir)), max(at_once - 1, 0))
+    size = checkpoint_size(cfg)
+    free = shutil.disk_usage(cfg.output_dir).free
+    if at_once * size > free:
+        raise SystemExit(f"--output_dir {cfg.output_dir}: {free / 2**30:.1f} GiB free, about {at_once * size / 2**30:.1f} GiB "
+                         f"needed for {at_once} checkpoint(s) of ~{size / 2**30:.2f} GiB ({cfg.train_type}); free some space, "
+                         f"choose another --output_dir or lower --save_total_limit")
+
+
+def checkpoint_size(cfg):
+    """Rough bytes of one checkpoint, from the parameter count in the model's safetensors headers (no weights read);
+    0 (no check) for a hub id: only a local folder is measured. Full: fp32 weights (trainable weights are kept in
+    fp32) and AdamW's two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d
+    weight 2 x rank x d weights: at most 2 rank / d of the model."""
+    from safetensors import safe_open
+
+    path = data.resolve_model(cfg.model)
+    files = [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")] if os.path.isdir(path) else []
+    params = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    if cfg.train_type == "lora" and params:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        hidden_size = config.get("text_config", config).get("hidden_size", 1024)  # (a guess where the config has none)
+        params *= min(1.0, 2 * cfg.lora_rank / hidden_size)
+    return 12 * params
 
 
 def checkpoint_dirs(output_dir):

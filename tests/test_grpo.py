@@ -477,3 +477,24 @@ def test_trust_remote_code_reaches_from_pretrained(module, monkeypatch):
             with pytest.raises(StopIteration):
                 script.load_model(cfg, CPU, False, reference=reference)
     assert seen == [True, True, False, False]
+
+
+@pytest.mark.parametrize("module", ["train_grpo", "train_chord"])
+def test_full_disk_stops_before_loading_anything(module, tmp_path, monkeypatch):
+    """Too little free space for the checkpoints to come: a clear stop at once, not a failed save hours later."""
+    import collections
+    import importlib
+
+    script = importlib.import_module(module)
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the disk")
+
+    monkeypatch.setattr(script, "load_model", load_model)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(script.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"GiB free, about .* GiB needed for 3 checkpoint"):
+        script.main(FAST + ["--output_dir", str(tmp_path / "run")])
+    monkeypatch.setattr(script.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    with pytest.raises(AssertionError, match="loaded a model"):  # enough room: the run goes on to load the model
+        script.main(FAST + ["--output_dir", str(tmp_path / "run")])
