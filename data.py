@@ -685,6 +685,7 @@ PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen")  # model keyword argume
 VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks then hand over their cu_seqlens
 
 
+@torch.compiler.disable  # with --compile: the boundaries change every batch, and would recompile the layer each time
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed

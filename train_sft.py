@@ -77,6 +77,8 @@ class Config:
     num_train_epochs: float = 2.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
+    gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
+    compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -262,6 +264,8 @@ def load_model(cfg, device, distributed, weights=None):
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
     model.config.use_cache = False
     return model.to(device), trainable, total
 
@@ -485,6 +489,9 @@ def main(argv=None):
     model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
     if distributed:
         model = shard_model(model, cfg, device)
+    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer
+        for layer in model.model.language_model.layers:
+            layer.compile(dynamic=True)  # rows of any length without a recompile
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=device.type == "cuda" and not cfg.offload_optimizer)

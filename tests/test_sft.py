@@ -110,3 +110,18 @@ def test_two_processes_match_one(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
+    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, the
+    losses are those of a plain run (a packed row with several examples, so the compiled layers see the boundaries)."""
+    cfg = train_sft.parse_config(FAST + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
+    model, _, _ = train_sft.load_model(cfg, torch.device("cpu"), False)
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    train, val = small_demo_file(tmp_path, 16), small_demo_file(tmp_path, 4, "val")
+    common = FAST + ["--dataset", train, "--val_dataset", val, "--max_steps", "2", "--save_steps", "0", "--packing", "true"]
+    train_sft.main(common + ["--output_dir", str(tmp_path / "plain")])
+    train_sft.main(common + ["--output_dir", str(tmp_path / "fast"), "--gradient_checkpointing", "true",
+                             "--gradient_checkpointing_layers", "1", "--compile", "true"])
+    plain, fast = losses(str(tmp_path / "plain")), losses(str(tmp_path / "fast"))
+    assert list(plain) == [1, 2] and all(abs(plain[s] - fast[s]) < 1e-4 * abs(plain[s]) for s in plain)
