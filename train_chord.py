@@ -1098,4 +1098,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # also after an error (out of memory, say): a GPU run is a process group even alone, and must let go
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -619,9 +619,15 @@ def main(argv=None):
               f"with --resume_from_checkpoint latest", flush=True)
     elif master:
         print(f"done: {state['step']} steps; checkpoints in {cfg.output_dir}")
+    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
+        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
     if distributed:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # also after an error (out of memory, say): a GPU run is a process group even alone, and must let go
+        if dist.is_initialized():
+            dist.destroy_process_group()
