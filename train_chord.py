@@ -1092,6 +1092,8 @@ def main(argv=None):
             if first_eval is not None and len(evals) > 1 and key in evals[-1]:
                 print(f"held-out {key[5:]} (greedy, {min(len(val), cfg.eval_limit)} prompts): start {first_eval[key]:.3f} "
                       f"-> end {evals[-1][key]:.3f} ({evals[-1][key] - first_eval[key]:+.3f})")
+    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
+        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
     if distributed:
         dist.destroy_process_group()
     return state

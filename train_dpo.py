@@ -836,6 +836,8 @@ def main(argv=None):
         if len(evals) > 1:  # the demo's result: preference accuracy up, task accuracy not down
             print("held-out " + ", ".join(f"{k} {evals[0][k]:.2f} -> {evals[-1][k]:.2f}" for k in
                                           ("eval_rewards/accuracies", "eval_accuracy", "eval_loss") if k in evals[0]))
+    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
+        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
     if distributed:
         dist.destroy_process_group()
 

@@ -975,6 +975,8 @@ def main(argv=None):
         if first_eval is not None and state["eval_reward"] is not None:
             print(f"held-out reward (greedy): start {first_eval['eval_reward']:.3f} -> end {state['eval_reward']:.3f} "
                   f"({state['eval_reward'] - first_eval['eval_reward']:+.3f})")
+    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
+        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
     if distributed:
         dist.destroy_process_group()
     return state
