@@ -725,7 +725,7 @@ def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device
     dapo_like = cfg.loss_type in ("dapo", "cispo")
     # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
     tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
-    num_items = all_reduce(torch.tensor(float(tokens), device=device), distributed).clamp(min=1)
+    num_items = all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)
     # the SFT part: a token mean over the expert replies of the whole global batch, counted before any backward too
     reply_lengths = [[int((e["labels"] != data.IGNORE).sum()) for e in examples] for examples in expert_micro]
     sft_items = all_reduce(torch.tensor(float(sum(map(sum, reply_lengths))), device=device), distributed).clamp(min=1)

@@ -477,7 +477,7 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "lo
 def pair_stats(losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, chosen_tokens):
     return torch.stack([losses.detach().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
                         (chosen_rewards > rejected_rewards).float().sum(), chosen_logps.detach().sum(),
-                        rejected_logps.detach().sum(), torch.tensor(float(len(losses)), device=losses.device),
+                        rejected_logps.detach().sum(), torch.full((), float(len(losses)), device=losses.device),
                         -chosen_logps.detach().sum(), chosen_tokens.sum().float()]).double()
 
 

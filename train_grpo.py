@@ -638,7 +638,7 @@ def train_step(model, optimizer, scheduler, micro, cfg, device, world_size, dist
     dapo_like = cfg.loss_type in ("dapo", "cispo")
     # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
     tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
-    num_items = all_reduce(torch.tensor(float(tokens), device=device), distributed).clamp(min=1)
+    num_items = all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)  # (a fill: no sync)
     sums = torch.zeros(8, device=device)  # loss, then token-weighted kl, clip low/high/region, entropy; tokens; SIGTERM
     sums[7] = float(sigterm)
     for i, mb in enumerate(micro):

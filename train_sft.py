@@ -555,7 +555,7 @@ def main(argv=None):
             state["batch"] += cfg.gradient_accumulation_steps
             # normalise by the labelled tokens of the whole global batch, counted before any backward
             n_tokens = sum(int((b["labels"] != data.IGNORE).sum()) for b in micro_batches)
-            n_global = all_reduce_sum(torch.tensor(float(n_tokens), device=device), distributed)
+            n_global = all_reduce_sum(torch.full((), float(n_tokens), device=device), distributed)  # (a fill: no sync)
             step_sums = torch.zeros(2, device=device)  # this step's summed NLL and labelled tokens
             for i, batch in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
