@@ -447,14 +447,16 @@ class Encoder:
       pixel_values / image_grid_thw and pixel_values_videos / video_grid_thw when the sample has media.
     """
 
-    def __init__(self, model_path, vision=VisionConfig(), max_length=2048, truncation_strategy="error"):
+    def __init__(self, model_path, vision=VisionConfig(), max_length=2048, truncation_strategy="error",
+                 trust_remote_code=False):
         from transformers import AutoConfig, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         # the PIL image processor: the default (fast) one imports torchvision, which CPU-only machines lack
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_path)
-        self.config = AutoConfig.from_pretrained(model_path)
+        self.config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.trust_remote_code = trust_remote_code
         self.model_type = self.config.model_type
         self.max_length, self.truncation_strategy = max_length, truncation_strategy
         env = lambda name: int(os.environ[name]) if os.environ.get(name) else None
@@ -606,7 +608,7 @@ class Encoder:
             from transformers import AutoModel
 
             with torch.device("meta"):  # no weights: only get_rope_index is used, which needs the config alone
-                self._rope_model = AutoModel.from_config(self.config)
+                self._rope_model = AutoModel.from_config(self.config, trust_remote_code=self.trust_remote_code)
         ids = example["input_ids"]
         mm_types = (ids == self.image_pad).int() + 2 * (ids == self.video_pad).int()
         kwargs = {"video_grid_thw": example.get("video_grid_thw"), "image_grid_thw": example.get("image_grid_thw")}

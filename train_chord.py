@@ -965,7 +965,8 @@ def main(argv=None):
         model = shard_model(model, cfg, device)
         reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
+                           cfg.trust_remote_code)
     train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
     expert, expert_kept, expert_lengths = load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed)
     expert_plan = lambda epoch: data.make_plan(expert_kept, expert_lengths, cfg.chord_sft_per_device_train_batch_size,

@@ -665,7 +665,8 @@ def main(argv=None):
     # the model first: a missing demo checkpoint is reported before any data work
     model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
+                           cfg.trust_remote_code)
     train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
     plan_of = lambda epoch: make_plan(kept, cfg.per_device_train_batch_size, cfg.seed, epoch, rank, world_size)
     steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps

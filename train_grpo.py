@@ -861,7 +861,8 @@ def main(argv=None):
         model = shard_model(model, cfg, device)
         reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
+                           cfg.trust_remote_code)
     train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     rollouts_per_epoch = max(len(kept) // (prompts_per_rank * world_size), 1)

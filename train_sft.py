@@ -473,7 +473,8 @@ def main(argv=None):
             json.dump(asdict(cfg), f, indent=2)
 
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
+                           cfg.trust_remote_code)
     train, val, kept, lengths, encode_kwargs = load_data(cfg, encoder, rank, world_size, distributed)
     plan_of = lambda epoch: data.make_plan(kept, lengths, cfg.per_device_train_batch_size, cfg.packing, cfg.max_length,
                                            cfg.seed, epoch, rank, world_size)

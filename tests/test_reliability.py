@@ -343,3 +343,27 @@ def test_every_torch_load_is_weights_only(script):
     assert loads
     for node in loads:
         assert any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords), ast.unparse(node)
+
+
+@pytest.mark.parametrize("module", ["train_sft", "train_dpo", "train_grpo", "train_chord"])
+def test_trust_remote_code_reaches_the_encoder(module, tmp_path, monkeypatch):
+    """The tokenizer and config loads (data.Encoder) follow --trust_remote_code as the model load does."""
+    import importlib
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    script, seen = importlib.import_module(module), []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise StopIteration  # enough: the call was made
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
+    for trust in ("true", "false"):
+        with pytest.raises(StopIteration):
+            script.main(["--trust_remote_code", trust, "--output_dir", str(tmp_path / trust)])
+    monkeypatch.setattr(AutoConfig, "from_pretrained", record)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    with pytest.raises(StopIteration):  # the config load, reached with a stand-in tokenizer
+        data.Encoder(data.resolve_model("tiny-qwen2.5-vl"), trust_remote_code=True)
+    assert seen == [True, False, True]
