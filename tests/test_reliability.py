@@ -361,7 +361,7 @@ def test_trust_remote_code_reaches_the_encoder(module, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
     for trust in ("true", "false"):
         with pytest.raises(StopIteration):
-            script.main(["--trust_remote_code", trust, "--output_dir", str(tmp_path / trust)])
+            script.main(["--model", "tiny-qwen2.5-vl", "--trust_remote_code", trust, "--output_dir", str(tmp_path / trust)])
     monkeypatch.setattr(AutoConfig, "from_pretrained", record)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: None)
     with pytest.raises(StopIteration):  # the config load, reached with a stand-in tokenizer
