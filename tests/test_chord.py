@@ -15,6 +15,7 @@ import train_chord
 import train_grpo
 import train_sft
 from train_chord import chord_mu, chord_sft_loss
+from conftest import run_torchrun
 
 torch.set_num_threads(1)  # the machine's cores are shared
 
@@ -286,9 +287,9 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
                       "accuracy", "distinct", "--temperature", "1.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    p = subprocess.run(torchrun + ["train_chord.py"] + common + ["--per_device_train_batch_size", "4",
-                       "--chord_sft_per_device_train_batch_size", "2", "--output_dir", two], cwd=root,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    p = run_torchrun(torchrun + ["train_chord.py"] + common + ["--per_device_train_batch_size", "4",
+                     "--chord_sft_per_device_train_batch_size", "2", "--output_dir", two], two, cwd=root,
+                     env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     train_chord.main(common + ["--per_device_train_batch_size", "8", "--chord_sft_per_device_train_batch_size", "4",
                                "--output_dir", one])  # here: no start-up to wait for

@@ -9,6 +9,7 @@ import torch
 import data
 import lora
 import train_dpo
+from conftest import run_torchrun
 
 
 def test_dpo_loss_matches_the_written_formulas():
@@ -195,8 +196,8 @@ def test_two_processes_match_one(tmp_path, train_type):
     common = ("--max_steps", "3", "--train_type", train_type, "--eval_generate", "0", "--learning_rate", "1e-2")
     train_dpo.main(run_args(tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    p = subprocess.run(torchrun + [os.path.join(root, "train_dpo.py")] + run_args(tmp_path / "two", *common) +
-                       ["--per_device_train_batch_size", "2"], cwd=root, capture_output=True, text=True)
+    p = run_torchrun(torchrun + [os.path.join(root, "train_dpo.py")] + run_args(tmp_path / "two", *common) +
+                     ["--per_device_train_batch_size", "2"], str(tmp_path / "two"), cwd=root)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in one] == [m["step"] for m in two]

@@ -13,6 +13,7 @@ import data
 import rewards
 import train_grpo
 from train_grpo import grpo_loss, group_advantages
+from conftest import run_torchrun
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -317,8 +318,8 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
                       "--reward_plugin", str(plugin), "--reward_funcs", "accuracy", "distinct", "--temperature", "1.5"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
-    p = subprocess.run(torchrun + ["train_grpo.py"] + common + ["--per_device_train_batch_size", "8", "--output_dir", two],
-                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    p = run_torchrun(torchrun + ["train_grpo.py"] + common + ["--per_device_train_batch_size", "8", "--output_dir", two],
+                     two, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     train_grpo.main(common + ["--per_device_train_batch_size", "16", "--output_dir", one])  # here: no start-up to wait for
     a, b = [[m for m in read_jsonl(os.path.join(d, "metrics.jsonl")) if "loss" in m] for d in (one, two)]

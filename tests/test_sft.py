@@ -11,6 +11,7 @@ import torch
 
 import data
 import train_sft
+from conftest import run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "demo", "--val_dataset", "demo", "--num_workers", "0", "--eval_generate", "0",
@@ -106,8 +107,8 @@ def test_two_processes_match_one(tmp_path):
     assert p.wait() == 0, p.stdout.read()
     two = str(tmp_path / "two")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    p = subprocess.run(torchrun + [os.path.join(ROOT, "train_sft.py")] + common + ["--per_device_train_batch_size", "4",
-                       "--output_dir", two], cwd=ROOT, capture_output=True, text=True)
+    p = run_torchrun(torchrun + [os.path.join(ROOT, "train_sft.py")] + common + ["--per_device_train_batch_size", "4",
+                     "--output_dir", two], two, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
