@@ -115,8 +115,9 @@ def flops_per_token(model_dir, lengths, patches):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     text = config.text_config
-    lm = sum(p.numel() for p in model.model.language_model.parameters()) - text.vocab_size * text.hidden_size
-    lm += text.vocab_size * text.hidden_size  # the output head, tied or not, is a matmul per token
+    # the language model's parameters: the input embeddings are a lookup, not a matmul, but the output head (tied or
+    # not) is one of the same size, so it takes their place in the count
+    lm = sum(p.numel() for p in model.model.language_model.parameters())
     vision = sum(p.numel() for p in model.model.visual.parameters())
     tokens = sum(lengths)
     attention = 6 * text.num_hidden_layers * text.hidden_size * sum(n * n for n in lengths)
@@ -135,7 +136,7 @@ def encoded_rows(model_dir, dataset, max_pixels=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Runners: each returns {"tokens_per_s", "peak_gib", "ms_per_step"} measured after `warmup` steps
+# Runners: each returns {"tokens_per_s", "peak_gib"} measured after `warmup` steps
 
 def run_script(script, model_dir, dataset, out_dir, steps, warmup, flags):
     """A train script end to end; tokens/s and peak memory from its metrics.jsonl (one line per step)."""

@@ -10,6 +10,7 @@ Command line:
     python data.py demo --out demo_data            # write the demo task (SFT, CPT, DPO, RL files) and exit
 """
 import argparse
+import functools
 import io
 import json
 import math
@@ -706,11 +707,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if k.shape[1] != q.shape[1]:  # grouped-query attention: as many key/value heads as query heads
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     if q.is_cuda:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-
-        options = inspect.signature(varlen_attn).parameters  # torch 2.10 takes is_causal, later ones window_size
+        varlen_attn, options = _varlen_kernel()
         extra = {"is_causal": causal} if "is_causal" in options else {"window_size": (-1, 0) if causal else (-1, -1)}
         if "scale" in options:
             extra["scale"] = scaling
@@ -722,6 +719,16 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scaling
         ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
     return out[None], None
+
+
+@functools.cache  # looked up once, not in every layer of every step
+def _varlen_kernel():
+    """torch's varlen_attn and its parameter names: torch 2.10 takes is_causal, later versions window_size."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, inspect.signature(varlen_attn).parameters
 
 
 def use_varlen_attention(model):
@@ -988,8 +995,9 @@ def write_demo(out_dir, num_train=2000, num_val=100, seed=0):
         for i in range(n):
             color = rng.choice(sorted(DEMO_COLORS))
             name = f"images/{split}_{i:05d}.png"
-            demo_image(rng, color).save(os.path.join(out_dir, name) + private, format="PNG")
-            os.replace(os.path.join(out_dir, name) + private, os.path.join(out_dir, name))
+            image = os.path.join(out_dir, name)
+            demo_image(rng, color).save(image + private, format="PNG")
+            os.replace(image + private, image)
             wrong = rng.choice([c for c in sorted(DEMO_COLORS) if c != color])
             rows = {"sft": {"messages": [{"role": "user", "content": f"<image>{DEMO_QUESTION}"},
                                          {"role": "assistant", "content": color}], "images": [name]},
