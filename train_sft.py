@@ -79,6 +79,9 @@ class Config:
     gradient_checkpointing: bool = False
     gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
     compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
+    # the trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4% of a
+    # weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
+    master_dtype: str = "float32"  # float32 | bfloat16
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -119,6 +122,8 @@ def parse_config(argv=None):
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     if cfg.learning_rate is None:
         cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 1e-3
+    if cfg.master_dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--master_dtype {cfg.master_dtype}: use float32 or bfloat16")
     return cfg
 
 
@@ -244,9 +249,9 @@ def load_model(cfg, device, distributed, weights=None):
     """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: frozen weights in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts to bf16 for
-    # compute, see shard_model); CPU: fp32 throughout
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # GPU: frozen weights in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts to bf16 for
+    # compute, see shard_model); CPU: fp32 throughout, unless the master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=attn_implementation,
@@ -259,7 +264,7 @@ def load_model(cfg, device, distributed, weights=None):
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
     for p in model.parameters():
-        if p.requires_grad:  # AdamW on bf16 weights loses small updates: trainable weights stay fp32
+        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice

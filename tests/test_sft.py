@@ -162,3 +162,20 @@ def test_report_to_sends_every_logged_metric(tmp_path, monkeypatch, report_to):
         logged = [(m["step"], k, v) for m in map(json.loads, f) for k, v in m.items()]
     assert sent[-1] == "closed"  # closed at the end, or the last metrics may never reach the tracker's files
     assert sorted(sent[:-1], key=str) == sorted(logged, key=str) and any(k == "eval_loss" for _, k, _ in logged)
+
+
+def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
+    """--master_dtype bfloat16: AdamW updates bf16 weights and keeps bf16 moments (half the memory of fp32)."""
+    from safetensors.torch import load_file
+
+    common = FAST + ["--dataset", small_demo_file(tmp_path, 16), "--val_dataset", small_demo_file(tmp_path, 4, "val"),
+              "--max_steps", "3", "--save_steps", "3"]
+    train_sft.main(common + ["--output_dir", str(tmp_path / "fp32")])
+    train_sft.main(common + ["--output_dir", str(tmp_path / "bf16"), "--master_dtype", "bfloat16"])
+    fp32, bf16 = losses(str(tmp_path / "fp32")), losses(str(tmp_path / "bf16"))
+    assert list(bf16) == [1, 2, 3] and all(abs(fp32[s] - bf16[s]) < 0.03 * fp32[s] for s in fp32), (fp32, bf16)
+    assert bf16[3] < bf16[1]
+    saved = load_file(str(tmp_path / "bf16" / "checkpoint-3" / "model.safetensors"))
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+    with pytest.raises(SystemExit, match="float32 or bfloat16"):
+        train_sft.parse_config(["--master_dtype", "fp16"])
