@@ -204,15 +204,17 @@ def write_prompt_records(path, tokenizer, prompts, prompt_tokens, seed=0):
 # Runners: each returns a dict of measurements taken after `warmup` steps (the keys of its workload's table)
 
 def run_script(script, model_dir, dataset, out_dir, steps, warmup, flags):
-    """A train script end to end -> the metrics it logged for each training step after the first `warmup`
-    (metrics.jsonl, one line per step; evaluation lines left out)."""
+    """A train script end to end -> the metrics it logged after the first `warmup` steps (metrics.jsonl; evaluation
+    lines left out). It logs every `warmup` steps, not every step: a log line waits for the GPU, which the steps
+    between log lines never do, so logging each step would time a slower loop than users run."""
     shutil.rmtree(out_dir, ignore_errors=True)
+    steps = warmup * -(-steps // warmup)  # whole logging windows
     cmd = [sys.executable, script, "--model", model_dir, "--dataset", dataset, "--output_dir", out_dir,
-           "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "0", "--warmup_steps", "1"] + flags
+           "--max_steps", str(steps), "--logging_steps", str(warmup), "--save_steps", "0", "--warmup_steps", "1"] + flags
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=1800)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if "loss" in m][warmup:]
+        return [m for m in map(json.loads, f) if "loss" in m][1:]
 
 
 def mean(values):
@@ -457,15 +459,19 @@ def bench_sft(args, work):
     text_flops = flops_per_token(model_dir, [args.seq_len], 0)
     name = f"SFT {args.train_type}, {args.shape}, 1 x {args.seq_len} text tokens"
     results.append((name, "this repo (train_sft.py)", ours(text_file, os.path.join(work, "out"), [], text_flops)))
+    if args.fast:
+        results.append((name, f"this repo, {args.fast}", ours(text_file, os.path.join(work, "out-fast"), args.fast.split(), text_flops)))
     if args.images:
         image_file = os.path.join(work, "images.jsonl")
         write_image_records(image_file, tokenizer, args.images, args.reply_tokens, args.image_size)
         image_rows, patches = encoded_rows(model_dir, image_file, args.image_size**2)
         flops = flops_per_token(model_dir, [len(r) for r in image_rows], sum(patches))
         image_flags = ["--max_pixels", str(args.image_size**2), "--min_pixels", str(args.image_size**2)]
-        results.append((f"SFT {args.train_type}, {args.shape}, packed {args.seq_len}-token rows of "
-                        f"{len(image_rows[0])}-token image examples", "this repo (train_sft.py)",
-                        ours(image_file, os.path.join(work, "out-images"), image_flags, flops)))
+        image_name = f"SFT {args.train_type}, {args.shape}, packed {args.seq_len}-token rows of {len(image_rows[0])}-token image examples"
+        results.append((image_name, "this repo (train_sft.py)", ours(image_file, os.path.join(work, "out-images"), image_flags, flops)))
+        if args.fast:
+            results.append((image_name, f"this repo, {args.fast}",
+                            ours(image_file, os.path.join(work, "out-images-fast"), image_flags + args.fast.split(), flops)))
     lora = args.train_type == "lora"
     against(results, name, args.against,
             {"hf": lambda: {**run_hf_loop(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops},
@@ -617,6 +623,8 @@ def main(argv=None):
     s.add_argument("--images", type=int, default=0, help="also time packed rows of this many image examples")
     s.add_argument("--image_size", type=int, default=448)
     s.add_argument("--reply_tokens", type=int, default=200)
+    s.add_argument("--fast", default="", help="also time train_sft.py with these flags (one string, after "
+                   "an =), e.g. --fast='--compile true --master_dtype bfloat16 --gradient_checkpointing_layers 6 --fsdp_reshard_after_forward false'")
     d = workload("dpo", "DPO pairs/s, MFU and peak memory, against TRL's DPOTrainer", "lora", 8, 3, ["trl"])
     d.add_argument("--prompt_tokens", type=int, default=512, help="per prompt, chat template included")
     d.add_argument("--reply_tokens", type=int, default=512, help="per reply, its <|im_end|> and newline included")
