@@ -91,6 +91,8 @@ class Config:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
+    gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
+    compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -371,6 +373,8 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
     return model.to(device), trainable, total
 
 
@@ -547,7 +551,11 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     vision = {k: torch.cat([e[k] for e in examples if k in e]).to(device) for k in data.VISION_KEYS
               if any(k in e for e in examples)}
     mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # --compile serves the training and scoring passes, not generation: under a KV cache each decoder layer's graph
+    # specialises on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8
+    # graphs of the layer's code), and this runs first (the eval at step 0): training would then run uncompiled
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+            torch.compiler.set_stance("force_eager"):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              mm_token_type_ids=mm_token_type_ids.to(device), **vision, max_new_tokens=max_new_tokens,
                              do_sample=False, synced_gpus=synced, use_cache=True)
@@ -676,6 +684,9 @@ def main(argv=None):
 
     if distributed:
         model = shard_model(model, cfg, device)
+    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (a reference copy only scores: eager)
+        for layer in model.model.language_model.layers:
+            layer.compile(dynamic=True)  # rows of any length without a recompile
     # the reference: stored log-probabilities, the policy with adapters off (LoRA), or a frozen copy (full)
     ref_model = ref_table = val_ref_table = None
     if cfg.precompute_ref_logps:
@@ -747,7 +758,7 @@ def main(argv=None):
     if val and state["step"] == 0:
         evaluate()  # the starting point: what DPO improves on
     model.train()
-    window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "time": time.time()}
+    window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "pairs": 0, "time": time.time()}
     progress = None
     if master and sys.stderr.isatty():
         from tqdm import tqdm
@@ -783,6 +794,7 @@ def main(argv=None):
                 step_loss += loss.detach()
                 step_sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
                 window["tokens"] += batch["input_ids"].numel()
+                window["pairs"] += len(batch["index"])
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # the one host sync of the step: is it finite, and has any process been sent SIGTERM
@@ -803,15 +815,18 @@ def main(argv=None):
                 progress.update(1)
             if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
                 sums = all_reduce_sum(window["sums"].clone(), distributed)
-                tokens = all_reduce_sum(torch.tensor(float(window["tokens"]), device=device), distributed).item()
+                counts = torch.tensor([float(window["tokens"]), float(window["pairs"])], device=device)
+                tokens, pairs = all_reduce_sum(counts, distributed).tolist()
                 elapsed = time.time() - window["time"]
                 metrics = {"step": state["step"], **summarise(sums, cfg), "grad_norm": grad_norm.item(),
                            "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"] + state["batch"] / len(plan),
-                           "tokens_per_s": tokens / elapsed / world_size, "skipped_steps": state["skipped_steps"]}
+                           "tokens_per_s": tokens / elapsed / world_size, "pairs_per_s": pairs / elapsed / world_size,
+                           "skipped_steps": state["skipped_steps"]}
                 if device.type == "cuda":
                     metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 log(metrics)
-                window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "time": time.time()}
+                window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "pairs": 0,
+                          "time": time.time()}
             if bad_in_a_row >= cfg.max_bad_steps:
                 if cfg.save_on_sigterm:
                     signal.signal(signal.SIGTERM, default_sigterm)

@@ -108,6 +108,8 @@ class Config:
     num_train_epochs: float = 1.0
     max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
+    gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
+    compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -264,6 +266,8 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(model.model.language_model.layers):
+            layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
     return model.to(device), trainable, total
 
 
@@ -372,7 +376,11 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
         vision = {k: torch.cat([e[k] for e in part if k in e]).to(device) for k in data.VISION_KEYS if any(k in e for e in part)}
         mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
         sampler = [] if greedy else [SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        # --compile serves the log-prob passes, not generation: under a KV cache each decoder layer's graph specialises
+        # on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8 graphs of
+        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+                torch.compiler.set_stance("force_eager"):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  mm_token_type_ids=mm_token_type_ids.to(device), **vision, generation_config=generation_config,
                                  logits_processor=sampler, synced_gpus=synced)
@@ -860,6 +868,9 @@ def main(argv=None):
     if distributed:
         model = shard_model(model, cfg, device)
         reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
+    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (the reference only scores: eager)
+        for layer in model.model.language_model.layers:
+            layer.compile(dynamic=True)  # rows of any length without a recompile
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
@@ -911,6 +922,11 @@ def main(argv=None):
         log({"step": state["step"], **result})
         return result
 
+    def clock():  # on GPU, after the queued kernels have run: else they are billed to the next phase
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     first_eval = run_eval() if val and cfg.eval_on_start and state["step"] == 0 else None
     model.train()
     window = []  # the metrics of each step since the last log line
@@ -925,28 +941,36 @@ def main(argv=None):
         step_seed = (cfg.seed * 1_000_003 + state["step"]) * 1009 + rank
         torch.manual_seed(step_seed)
         random.seed(step_seed)
-        start = time.time()
+        start = clock()
         batch, generated = make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed)
         if cfg.log_completions:
             rows = gather_lists({"rows": completion_rows(batch, state["step"])}, distributed)["rows"]
             if master:
                 completions_file.writelines(json.dumps(r) + "\n" for r in rows)
                 completions_file.flush()
+        stats = rollout_metrics(batch, generated, distributed)
+        rollout_end = clock()
         micro = micro_batches(batch, encoder, cfg, device)
         fixed_logps(model, reference, micro, cfg, device)
-        stats = {**rollout_metrics(batch, generated, distributed), "rollout_s": time.time() - start}
+        logprob_end = clock()
+        # every prompt + completion token goes through each update (counted on the host: no wait for the device)
+        stats.update(rollout_s=rollout_end - start, logprob_s=logprob_end - rollout_end,
+                     tokens=sum(len(e["input_ids"]) for mb in micro for e in mb["examples"]))
         for _ in range(cfg.num_iterations):
-            start = time.time()
+            start = clock()
             metrics, skipped, stop = train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed,
                                                 sigterm["received"])
-            window.append({**stats, **metrics, "train_s": time.time() - start})
-            stats["rollout_s"] = 0.0  # later iterations reuse the rollout
+            update_s = clock() - start
+            window.append({**stats, **metrics, "update_s": update_s,
+                           "step_s": stats["rollout_s"] + stats["logprob_s"] + update_s})
+            stats.update(rollout_s=0.0, logprob_s=0.0)  # later iterations reuse the rollout and its fixed log-probs
             state["step"] += 1
             state["skipped_steps"] += skipped  # no update from it; the step count and the prompts still advance
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
             if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
                 averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
                             for k in window[0]}
+                averaged["tokens_per_s"] = averaged.pop("tokens") / averaged["step_s"]  # this process's, over the window
                 log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged,
                      "skipped_steps": state["skipped_steps"]})
                 window = []

@@ -166,7 +166,8 @@ def test_main_logs_mu_both_parts_and_checkpoints(three_steps):
     for m in steps:
         assert m["loss"] == pytest.approx((1 - m["mu"]) * m["grpo_loss"] + m["mu"] * m["sft_loss"], rel=1e-6, abs=1e-9)
         assert 0 < m["sft_loss"] < m["sft_nll"] / 4  # phi = p (1 - p) <= 1/4 weighs every token down
-        for key in ("reward", "reward/random", "advantage_std", "kl", "entropy", "grad_norm", "rollout_s", "train_s"):
+        for key in ("reward", "reward/random", "advantage_std", "kl", "entropy", "grad_norm", "rollout_s", "logprob_s",
+                    "update_s", "step_s", "tokens_per_s"):
             assert math.isfinite(m[key]), key
     assert len(read_jsonl(os.path.join(three_steps, "completions.jsonl"))) == 3 * 8
     state = json.load(open(os.path.join(three_steps, "checkpoint-3", "trainer_state.json")))
@@ -214,6 +215,28 @@ def test_sigterm_saves_and_resume_continues_exactly(three_steps, tmp_path, monke
     for x, y in zip(first, again):
         for key in ("reward", "loss", "grpo_loss", "sft_loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+
+
+def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
+    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, two
+    steps with both parts trained (mu = 0.5) give the plain run's completions and losses; the phase timings are
+    positive and add up to step_s."""
+    cfg = train_chord.parse_config(SMALL + EXPERT + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
+    model = train_chord.load_model(cfg, torch.device("cpu"), False)[0]
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    common = SMALL + EXPERT + ["--max_steps", "2", "--save_steps", "0", "--chord_mu_peak", "0.5", "--chord_mu_valley", "0.5"]
+    train_chord.main(common + ["--output_dir", str(tmp_path / "plain")])
+    train_chord.main(common + ["--output_dir", str(tmp_path / "fast"), "--gradient_checkpointing", "true",
+                               "--gradient_checkpointing_layers", "1", "--compile", "true"])
+    plain, fast = [[m for m in read_jsonl(str(tmp_path / d / "metrics.jsonl")) if "loss" in m] for d in ("plain", "fast")]
+    assert [m["step"] for m in plain] == [m["step"] for m in fast] == [1, 2] and plain[1]["grad_norm"] > 0
+    for a, b in zip(plain, fast):
+        assert (a["reward"], a["completion_length"]) == (b["reward"], b["completion_length"])  # the same completions
+        for key in ("loss", "grpo_loss", "sft_loss", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for m in plain + fast:
+        assert min(m[k] for k in ("rollout_s", "logprob_s", "update_s", "tokens_per_s")) > 0
+        assert m["step_s"] == pytest.approx(m["rollout_s"] + m["logprob_s"] + m["update_s"])
 
 
 def test_nan_in_the_sft_part_skips_steps_and_stops(tmp_path, monkeypatch):

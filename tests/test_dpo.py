@@ -135,7 +135,7 @@ def test_lora_run_writes_adapter_and_metrics(tmp_path):
     evals = [m for m in metrics if "eval_loss" in m]
     assert [m["step"] for m in train] == [1, 2] and [m["step"] for m in evals] == [0, 2]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "tokens_per_s", "grad_norm", "lr"):
+                "logps/rejected", "tokens_per_s", "pairs_per_s", "grad_norm", "lr"):
         assert key in train[0], key
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_accuracy"):
         assert key in evals[0], key
@@ -168,6 +168,36 @@ def test_full_run_with_frozen_copy_matches_precomputed(tmp_path):
         for key in ("loss", "eval_loss", "rewards/margins", "eval_rewards/margins"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-4, (key, a[key], b[key])
+
+
+def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
+    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, the
+    losses, and the evaluations before and after (pairs and greedy replies), are those of a plain run. Generation
+    compiles nothing (generate keeps the layers eager)."""
+    from torch._dynamo.utils import counters
+
+    cfg = train_dpo.parse_config(run_args(tmp_path, "--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"))
+    model, _, _ = train_dpo.load_model(cfg, torch.device("cpu"), False)
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    for layer in model.model.language_model.layers:
+        layer.compile(dynamic=True)
+    graphs = counters["stats"]["unique_graphs"]
+    pair = data.load_dataset([data.demo_path("dpo", "val") + "#1"], "dpo", seed=0)[0]
+    prompt = data.Sample(pair.messages[:-1], pair.images, pair.videos)
+    train_dpo.generate(model, data.Encoder(data.resolve_model(cfg.model)), [prompt], torch.device("cpu"), 4, False)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    common = ("--max_steps", "2", "--train_type", "full", "--learning_rate", "1e-3", "--save_steps", "0")
+    train_dpo.main(run_args(tmp_path / "plain", *common))
+    train_dpo.main(run_args(tmp_path / "fast", *common, "--gradient_checkpointing", "true",
+                            "--gradient_checkpointing_layers", "1", "--compile", "true"))
+    plain, fast = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fast")
+    assert [m["step"] for m in plain] == [m["step"] for m in fast] == [0, 1, 2, 2]  # eval, steps, eval
+    for a, b in zip(plain, fast):
+        for key in ("loss", "rewards/margins", "grad_norm", "eval_loss", "eval_rewards/margins", "eval_accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        assert "loss" not in a or 0 < a["pairs_per_s"] < a["tokens_per_s"]
 
 
 @pytest.mark.parametrize("train_type", ["lora", "full"])

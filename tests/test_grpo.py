@@ -165,7 +165,8 @@ def test_main_writes_metrics_completions_and_checkpoints(three_steps):
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for key in ("reward", "reward/accuracy", "advantage_std", "kl", "clip_region", "completion_length",
-                "completion_length_max", "truncated", "entropy", "rollout_s", "train_s", "grad_norm"):
+                "completion_length_max", "truncated", "entropy", "rollout_s", "logprob_s", "update_s", "step_s",
+                "tokens_per_s", "grad_norm"):
         assert all(math.isfinite(m[key]) for m in steps), key
     assert [m["step"] for m in metrics if "eval_reward" in m] == [0, 2, 3]  # at the start, every eval_steps, the end
     completions = read_jsonl(os.path.join(three_steps, "completions.jsonl"))
@@ -212,6 +213,43 @@ def test_lora_reference_iterations_and_dapo_options(tmp_path, monkeypatch):
     assert steps[0]["reward/spread"] == 0.5 and steps[0]["rollout_rounds"] == 1
     assert steps[1]["kl"] > 0  # the second update of a rollout has moved away from the reference
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(os.path.join(out, "checkpoint-2")))
+
+
+def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
+    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, a rollout
+    and its two updates (the second scored against the sampling policy's log-probs, taken in eval mode without
+    gradients) give the plain run's completions and losses. Generation compiles nothing (rollout keeps the layers
+    eager); the phase timings are positive and add up to step_s."""
+    from torch._dynamo.utils import counters
+
+    cfg = train_grpo.parse_config(SMALL + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
+    cpu = torch.device("cpu")
+    model = train_grpo.load_model(cfg, cpu, False)[0]
+    assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    for layer in model.model.language_model.layers:
+        layer.compile(dynamic=True)
+    graphs = counters["stats"]["unique_graphs"]
+    samples = data.load_dataset([data.demo_path("rl", "val") + "#1"], "rl", seed=0)
+    train_grpo.rollout(model, data.Encoder(data.resolve_model(cfg.model)), samples, cfg, cpu, seeds=[1, 2, 3, 4])
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    common = SMALL + ["--max_steps", "2", "--num_iterations", "2", "--save_steps", "0", "--eval_on_start", "false",
+                      "--eval_steps", "0"]
+    train_grpo.main(common + ["--output_dir", str(tmp_path / "plain")])
+    train_grpo.main(common + ["--output_dir", str(tmp_path / "fast"), "--gradient_checkpointing", "true",
+                              "--gradient_checkpointing_layers", "1", "--compile", "true"])
+    plain, fast = [[m for m in read_jsonl(str(tmp_path / d / "metrics.jsonl")) if "loss" in m] for d in ("plain", "fast")]
+    assert [m["step"] for m in plain] == [m["step"] for m in fast] == [1, 2] and plain[1]["grad_norm"] > 0
+    for a, b in zip(plain, fast):
+        assert (a["reward"], a["completion_length"]) == (b["reward"], b["completion_length"])  # the same completions
+        for key in ("loss", "kl", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for first, second in (plain, fast):
+        assert min(first[k] for k in ("rollout_s", "logprob_s", "update_s", "tokens_per_s")) > 0
+        assert first["step_s"] == pytest.approx(first["rollout_s"] + first["logprob_s"] + first["update_s"])
+        assert second["rollout_s"] == second["logprob_s"] == 0 and second["step_s"] == second["update_s"] > 0
+        # both updates went through the same prompt + completion tokens
+        assert first["tokens_per_s"] * first["step_s"] == pytest.approx(second["tokens_per_s"] * second["step_s"])
 
 
 # ----------------------------------------------------------------------------- the seeded sampler
