@@ -179,3 +179,17 @@ def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
     assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
     with pytest.raises(SystemExit, match="float32 or bfloat16"):
         train_sft.parse_config(["--master_dtype", "fp16"])
+
+
+def test_profile_script_profiles_whole_steps_of_the_real_loop(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import profile_sft
+
+    trace = tmp_path / "trace.json"
+    profile_sft.main(["--wait", "1", "--steps", "1", "--trace", str(trace), "--"] + FAST +
+                     ["--dataset", small_demo_file(tmp_path, 16), "--val_dataset", small_demo_file(tmp_path, 4, "val"),
+                      "--max_steps", "3", "--save_steps", "0", "--output_dir", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert "ProfilerStep*" in printed and "aten::mm" in printed  # whole steps, with their matrix multiplies
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert torch.optim.lr_scheduler.LambdaLR.step.__name__ == "step"  # the scheduler is given back unpatched
