@@ -170,15 +170,19 @@ def parse_config(argv=None):
 # Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
 
 def setup_distributed():
-    distributed = "RANK" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    """A GPU run without torchrun is a group of one, so one GPU and N GPUs take the same FSDP2 path and the same
+    numerics (bf16 compute on fp32 master weights: without it, a lone GPU ran the fp32 trainable weights unsharded
+    and the varlen FlashAttention kernel got fp32 inputs); a CPU run without torchrun has no group and no sharding."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    elif device.type == "cuda":
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    distributed = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     return distributed, rank, world_size, device
 
 
@@ -244,8 +248,8 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     or, with reference=True, a frozen copy of cfg.model in eval mode (it only scores)."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: bf16 weights, trainable ones in fp32 (below, or FSDP's master copy in shard_model), compute under bf16
-    # autocast; CPU: fp32 throughout
+    # GPU: frozen weights (and the reference) in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts
+    # to bf16 for compute, see shard_model); CPU: fp32 throughout
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
@@ -272,8 +276,9 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
 
 
 def shard_model(model, cfg, device, reference=False):
-    """FSDP2: one unit per decoder layer and per vision block, then the root. bf16 compute, fp32 gradient reduction,
-    fp32 sharded master weights for the optimizer (the reference keeps its dtype: it has no optimizer)."""
+    """FSDP2: one unit per decoder layer and per vision block, then the root. bf16 compute, fp32 gradient reduction;
+    the optimizer sees sharded fp32 master parameters (trainable ones are fp32 since load_model; frozen ones stay bf16,
+    which halves the memory of a LoRA base). The reference, all frozen, stays bf16 and always reshards."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -281,8 +286,6 @@ def shard_model(model, cfg, device, reference=False):
               "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
     if cfg.offload_optimizer and not reference:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    if not reference:
-        model.float()
     for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
