@@ -119,6 +119,9 @@ class Config:
     gradient_checkpointing: bool = False
     gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
     compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
+    # the policy's trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4%
+    # of a weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
+    master_dtype: str = "float32"  # float32 | bfloat16
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -160,7 +163,7 @@ def parse_config(argv=None):
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
                "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
-               "reward_error": ("raise", "skip")}
+               "reward_error": ("raise", "skip"), "master_dtype": ("float32", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -300,9 +303,9 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     or, with reference=True, a frozen copy of cfg.model in eval mode (it only scores)."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: frozen weights (and the reference) in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts
-    # to bf16 for compute, see shard_model); CPU: fp32 throughout
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # GPU: frozen weights (and the reference) in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts
+    # to bf16 for compute, see shard_model); CPU: fp32 throughout, unless the policy's master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or (cfg.master_dtype == "bfloat16" and not reference) else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=attn_implementation,
@@ -318,7 +321,7 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
     for p in model.parameters():
-        if p.requires_grad:  # AdamW on bf16 weights loses small updates (RL's are small): trainable weights in fp32
+        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates (RL's are small)
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

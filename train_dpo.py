@@ -93,6 +93,9 @@ class Config:
     gradient_checkpointing: bool = False
     gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
     compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
+    # the policy's trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4%
+    # of a weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
+    master_dtype: str = "float32"  # float32 | bfloat16
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -133,6 +136,8 @@ def parse_config(argv=None):
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
     if cfg.loss_type not in ("sigmoid", "ipo", "hinge"):
         raise SystemExit(f"--loss_type {cfg.loss_type!r}: choose sigmoid, ipo or hinge")
+    if cfg.master_dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--master_dtype {cfg.master_dtype}: use float32 or bfloat16")
     if cfg.learning_rate is None:
         cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 5e-4
     return cfg
@@ -351,9 +356,9 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     if cfg.model == Config.model and not os.path.exists(path):
         raise SystemExit(f"{path} does not exist: the demo starts from a short SFT run; make it with\n"
                          f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
-    # GPU: frozen weights (and the reference) in bf16, trainable ones in fp32 (below: the master copy that FSDP2 casts
-    # to bf16 for compute, see shard_model); CPU: fp32 throughout
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # GPU: frozen weights (and the reference) in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts
+    # to bf16 for compute, see shard_model); CPU: fp32 throughout, unless the policy's master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or (cfg.master_dtype == "bfloat16" and not reference) else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
@@ -368,7 +373,7 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
     for p in model.parameters():
-        if p.requires_grad:  # AdamW on bf16 weights loses small updates: trainable weights stay fp32
+        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates
             p.data = p.data.float()
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice

@@ -251,6 +251,27 @@ def test_nan_in_the_sft_part_skips_steps_and_stops(tmp_path, monkeypatch):
     assert_same_weights(weights(out, step=1), base, atol=0)  # the skipped step changed nothing
 
 
+def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
+    """--master_dtype bfloat16: AdamW updates the policy's bf16 weights; the SFT part's loss and the gradient norm
+    are those of the fp32 run within bf16's precision."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / dtype)
+        train_chord.main(SMALL + EXPERT + ["--max_steps", "2", "--save_steps", "2", "--eval_limit", "0",
+                                           "--output_dir", out, "--master_dtype", dtype])
+        runs[dtype] = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]
+    assert [m["step"] for m in runs["bfloat16"]] == [1, 2]
+    for a, b in zip(runs["float32"], runs["bfloat16"]):
+        for key in ("sft_loss", "grad_norm", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=0.03), key
+    saved = weights(str(tmp_path / "bfloat16"), step=2)
+    base = load_file(os.path.join(data.resolve_model("tiny-qwen2.5-vl"), "model.safetensors"))
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert any(not torch.equal(saved[k], base[k].to(torch.bfloat16)) for k in saved)  # it trained
+    with pytest.raises(SystemExit, match="float32, bfloat16"):
+        train_chord.parse_config(["--master_dtype", "fp16"])
+
+
 # ----------------------------------------------------------------------------- where the expert data comes from
 
 

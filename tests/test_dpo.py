@@ -235,3 +235,20 @@ def test_two_processes_match_one(tmp_path, train_type):
         for key in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/margins"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+
+
+def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
+    """--master_dtype bfloat16: AdamW updates the policy's bf16 weights (the frozen reference copy keeps its dtype)."""
+    from safetensors.torch import load_file
+
+    common = ("--max_steps", "3", "--save_steps", "3", "--train_type", "full", "--learning_rate", "1e-3",
+              "--eval_generate", "0")
+    train_dpo.main(run_args(tmp_path / "fp32", *common))
+    train_dpo.main(run_args(tmp_path / "bf16", *common, "--master_dtype", "bfloat16"))
+    fp32, bf16 = ({m["step"]: m["loss"] for m in read_metrics(tmp_path / run) if "loss" in m} for run in ("fp32", "bf16"))
+    assert list(bf16) == [1, 2, 3] and all(abs(fp32[s] - bf16[s]) < 0.03 * fp32[s] for s in fp32), (fp32, bf16)
+    assert bf16[3] < bf16[1]
+    saved = load_file(str(tmp_path / "bf16" / "checkpoint-3" / "model.safetensors"))
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+    with pytest.raises(SystemExit, match="float32 or bfloat16"):
+        train_dpo.parse_config(["--master_dtype", "fp16"])

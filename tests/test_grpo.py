@@ -445,6 +445,29 @@ def test_nan_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     assert all_finite(os.path.join(out, "checkpoint-1"))
 
 
+def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
+    """--master_dtype bfloat16: AdamW updates the policy's bf16 weights. On-policy GRPO's loss is ~0, so the runs
+    compare by their gradient norms and entropies; the reference copy (full, beta > 0) keeps its dtype."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / dtype)
+        train_grpo.main(FAST + ["--max_steps", "2", "--save_steps", "2", "--beta", "0.04", "--output_dir", out,
+                                "--master_dtype", dtype])
+        runs[dtype] = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in m]
+    assert [m["step"] for m in runs["bfloat16"]] == [1, 2]
+    for a, b in zip(runs["float32"], runs["bfloat16"]):
+        for key in ("grad_norm", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=0.03), key
+    saved = load_file(os.path.join(tmp_path, "bfloat16", "checkpoint-2", "model.safetensors"))
+    base = load_file(os.path.join(data.resolve_model("tiny-qwen2.5-vl"), "model.safetensors"))
+    assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert any(not torch.equal(saved[k], base[k].to(torch.bfloat16)) for k in saved)  # it trained
+    with pytest.raises(SystemExit, match="float32, bfloat16"):
+        train_grpo.parse_config(["--master_dtype", "fp16"])
+
+
 FLAKY = '''
 import math, time
 
