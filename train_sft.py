@@ -374,7 +374,10 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     vision = {k: torch.cat([e[k] for e in examples if k in e]).to(device) for k in data.VISION_KEYS
               if any(k in e for e in examples)}
     mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    # --compile: generation runs the layers eager; under a KV cache each compiled layer's graph specialises on its
+    # layer index and the cache's state, which would spend torch's recompile limit and leave training uncompiled
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+            torch.compiler.set_stance("force_eager"):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              mm_token_type_ids=mm_token_type_ids.to(device), **vision, max_new_tokens=max_new_tokens,
                              do_sample=False, synced_gpus=synced, use_cache=True)

@@ -119,9 +119,18 @@ def test_two_processes_match_one(tmp_path):
 def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, the
     losses are those of a plain run (a packed row with several examples, so the compiled layers see the boundaries)."""
+    from torch._dynamo.utils import counters
+
     cfg = train_sft.parse_config(FAST + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
     model, _, _ = train_sft.load_model(cfg, torch.device("cpu"), False)
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
+    for layer in model.model.language_model.layers:  # as main() does
+        layer.compile(dynamic=True)
+    graphs = counters["stats"]["unique_graphs"]
+    prompt = data.load_dataset([data.demo_path("sft", "val") + "#1"], "sft", seed=0)[0]
+    prompt = data.Sample(prompt.messages[:-1], prompt.images, prompt.videos)
+    train_sft.generate(model, data.Encoder(data.resolve_model(cfg.model)), [prompt], torch.device("cpu"), 4, False)
+    assert counters["stats"]["unique_graphs"] == graphs  # generation keeps the compiled layers eager
     train, val = small_demo_file(tmp_path, 16), small_demo_file(tmp_path, 4, "val")
     common = FAST + ["--dataset", train, "--val_dataset", val, "--max_steps", "2", "--save_steps", "0", "--packing", "true"]
     train_sft.main(common + ["--output_dir", str(tmp_path / "plain")])
