@@ -714,7 +714,7 @@ def main(argv=None):
 
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=device.type == "cuda" and not cfg.offload_optimizer)
+                                  fused=True)  # fused: also the only AdamW that can skip a step on the GPU (found_inf)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None, "skipped_steps": 0}
     if resume:
@@ -775,6 +775,7 @@ def main(argv=None):
     if cfg.save_on_sigterm:
         default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
     stop, bad_in_a_row, checkpoint_path = False, 0, None
+    outcomes = []  # (flags [nonfinite, SIGTERM] on their way to the host, the event that marks their arrival) per step
     while state["step"] < total_steps and not stop:
         plan = plan_of(state["epoch"])
         loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:]))
@@ -803,23 +804,34 @@ def main(argv=None):
                 window["pairs"] += len(batch["index"])
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # the one host sync of the step: is it finite, and has any process been sent SIGTERM
+            # no host sync in the step: a step whose loss or gradient norm is NaN/inf on any process is skipped on the GPU
+            # (fused AdamW leaves weights and moments untouched when found_inf is 1), and the host reads what happened
+            # (skipped? SIGTERM?) a step later, once the GPU is past it, or at once before logging, evaluating or saving
             finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-            flags = torch.stack([~finite, finite.new_full((), sigterm["received"])]).float()  # (new_full: no copy, no sync)
-            nonfinite, stop = (all_reduce_sum(flags, distributed) > 0).tolist()
-            if nonfinite:  # no update from it (weights and AdamW's moments stay finite); step and data still advance
-                state["skipped_steps"] += 1
-                bad_in_a_row += 1
-            else:
-                optimizer.step()
-                window["sums"] += step_sums
-                bad_in_a_row = 0
+            flags = all_reduce_sum(torch.stack([~finite, finite.new_full((), sigterm["received"])]).float(), distributed) > 0
+            # (offloaded, AdamW runs on the host, which must not read found_inf before its copy has landed)
+            optimizer.found_inf = flags[0].float().cpu() if cfg.offload_optimizer else flags[0].float()
+            optimizer.step()
+            window["sums"] += torch.where(flags[0], 0.0, step_sums)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             if progress:
                 progress.update(1)
-            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
+            outcomes.append((flags.to("cpu", non_blocking=True), torch.cuda.Event() if device.type == "cuda" else None))
+            if outcomes[-1][1]:
+                outcomes[-1][1].record()
+            due = lambda every: every > 0 and (state["step"] % every == 0 or state["step"] == total_steps)
+            boundary = due(cfg.logging_steps) or val and due(cfg.eval_steps) or due(cfg.save_steps)
+            while outcomes and (len(outcomes) > 1 or boundary or stop or bad_in_a_row >= cfg.max_bad_steps):
+                outcome, copied = outcomes.pop(0)
+                if copied:
+                    copied.synchronize()
+                nonfinite, received = outcome.tolist()
+                state["skipped_steps"] += nonfinite
+                bad_in_a_row = bad_in_a_row + 1 if nonfinite else 0
+                stop = stop or received
+            if due(cfg.logging_steps) or bad_in_a_row >= cfg.max_bad_steps:
                 sums = all_reduce_sum(window["sums"].clone(), distributed)
                 counts = torch.tensor([float(window["tokens"]), float(window["pairs"])], device=device)
                 tokens, pairs = all_reduce_sum(counts, distributed).tolist()
@@ -840,9 +852,9 @@ def main(argv=None):
                                  f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
                                  f"is finite). Try a lower --learning_rate or --max_grad_norm, check the data (python data.py "
                                  f"check FILE), keep bf16 rather than fp16 on GPU, or raise --max_bad_steps to skip more")
-            if val and not stop and (state["step"] % cfg.eval_steps == 0 or state["step"] == total_steps):
+            if val and not stop and due(cfg.eval_steps):
                 evaluate()
-            if stop or cfg.save_steps > 0 and (state["step"] % cfg.save_steps == 0 or state["step"] == total_steps):
+            if stop or due(cfg.save_steps):
                 checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
         if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0

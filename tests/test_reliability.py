@@ -272,6 +272,21 @@ def test_dpo_nonfinite_step_is_skipped_and_the_run_continues(tmp_path, monkeypat
     assert any(not torch.equal(two[n], three[n]) for n in two)
 
 
+def test_dpo_bad_steps_between_log_lines_are_counted_a_step_late(tmp_path, monkeypatch):
+    """Between log, eval and save steps the host learns that a step was skipped one step later (no GPU wait)."""
+    dpo_loss = train_dpo.dpo_loss
+    poison = lambda n, result: (result[0] * math.nan, *result[1:]) if n in (2, 3) else result
+    monkeypatch.setattr(train_dpo, "dpo_loss", call_counter(dpo_loss, poison))
+    train_dpo.main(dpo_args(tmp_path / "a", "--max_steps", "5", "--logging_steps", "5", "--save_steps", "0"))
+    assert [m["skipped_steps"] for m in read_metrics(tmp_path / "a") if "loss" in m] == [2]
+    poison = lambda n, result: (result[0] * math.nan, *result[1:]) if n >= 2 else result
+    monkeypatch.setattr(train_dpo, "dpo_loss", call_counter(dpo_loss, poison))
+    with pytest.raises(SystemExit) as stopped:
+        train_dpo.main(dpo_args(tmp_path / "b", "--max_steps", "6", "--logging_steps", "100", "--save_steps", "0",
+                                "--max_bad_steps", "2"))
+    assert "stopped at step 4" in str(stopped.value) and "NaN/inf in 3 steps in a row" in str(stopped.value)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder is checked before the model is loaded or any data encoded
 
