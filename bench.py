@@ -15,7 +15,8 @@ and peak memory from its metrics.jsonl, skipping warm-up steps. The same tokens 
 this process: a plain transformers loop (`hf`, SFT only: DPO and GRPO have no plain loop worth the name) and TRL's
 trainers (`trl`), with the same model, batch, LoRA (rank 8, alpha 32, every linear layer of the language model),
 bf16 compute with fp32 LoRA weights, non-reentrant activation checkpointing and learning rate. (Full fine-tuning
-differs in one way: our scripts keep fp32 master weights, TRL trains the bf16-loaded weights as they are.)
+differs in one way: our scripts keep fp32 master weights by default, TRL trains the bf16-loaded weights as they
+are; --master_dtype bfloat16 in --flags or --fast gives ours TRL's precision.)
 
 DPO: each pair is a prompt of --prompt_tokens tokens (chat template included) and two replies of --reply_tokens
 tokens (their <|im_end|> and newline included), --pairs_per_step pairs a step. Both frameworks score the reference
