@@ -405,6 +405,7 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
     KV cache over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
     repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
     from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
+    from torch.distributed.fsdp import FSDPModule
     from transformers import GenerationConfig
 
     prompts = prompts or [encoder.encode(s, **PROMPT) for s in samples]
@@ -421,6 +422,11 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
                                          repetition_penalty=1.0 if greedy else cfg.repetition_penalty)
     was_training = model.training
     model.eval()
+    # FSDP2: each unit gathers its weights once for the whole generation (the policy, unsharded in bf16, for that
+    # time), not again at every new token, which re-gathered every layer max_completion_length times
+    gather_once = isinstance(model, FSDPModule)
+    if gather_once:
+        model.set_reshard_after_forward(False)
     completion_ids = []
     size = cfg.generation_batch_size or len(rows)
     for start in range(0, len(rows), size):
@@ -445,6 +451,11 @@ def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, pr
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))  # up to the first stop, padding after
             completion_ids.append(row[:end])
+    if gather_once:
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+        model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
     model.train(was_training)
     model.config.use_cache = False
     return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]

@@ -11,6 +11,7 @@ import torch
 
 import data
 import rewards
+import train_chord
 import train_grpo
 from train_grpo import grpo_loss, group_advantages
 from conftest import run_torchrun
@@ -313,6 +314,41 @@ def test_rollout_completion_depends_only_on_its_seed():
     one_by_one, _ = train_grpo.rollout(model, encoder, [longer, samples[1]], cfg, CPU, seeds=[1, 2, 5, 6])
     assert together[2:] == alone and one_by_one == together
     assert train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[7, 8])[0] != alone
+
+
+@pytest.mark.parametrize("script", [train_grpo, train_chord])
+def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
+    """Under FSDP2 the rollout gathers every unit's weights once for the whole generation (not at every new token),
+    gives the same completions as the unsharded policy, and leaves the units resharded as shard_model set them."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+    from torch.distributed.tensor import DTensor
+
+    cfg = script.parse_config(["--num_generations", "2", "--max_completion_length", "6"])
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#1"], "rl", seed=0)
+    plain, _ = script.rollout(script.load_model(cfg, CPU, False)[0], encoder, samples, cfg, CPU, seeds=[1, 2])
+    gathers, unshard = [], _fsdp_param_group.FSDPParamGroup.unshard
+
+    def counted_unshard(group, *args, **kwargs):  # a gather (a copy, in a group of one) only when not yet gathered
+        if not group.is_unsharded and group._all_gather_result is None:
+            gathers.append(group)
+        return unshard(group, *args, **kwargs)
+
+    monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted_unshard)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2], synced=True)
+        assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
+        assert sharded == plain and max(map(len, plain)) > 1
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # and resharding after forward again
+    finally:
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- DAPO's overlong filter
