@@ -389,6 +389,12 @@ def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distri
     samples = val[: cfg.eval_generate]
     mine = samples[rank::world_size]
     model.eval()
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP2: each unit gathers its weights once for all the replies, not again at every new token
+    gather_once = isinstance(model, FSDPModule)
+    if gather_once:
+        model.set_reshard_after_forward(False)
     correct = 0
     for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), cfg.per_device_train_batch_size):
         chunk = mine[i : i + cfg.per_device_train_batch_size] or samples[:1]  # every rank runs the same number of batches
@@ -396,6 +402,11 @@ def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distri
         replies = generate(model, encoder, prompts, device, cfg.max_new_tokens, synced=distributed)
         if mine[i : i + cfg.per_device_train_batch_size]:
             correct += sum(r.strip() == s.messages[-1]["content"].strip() for r, s in zip(replies, chunk))
+    if gather_once:
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+        model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
     model.train()
     model.config.use_cache = False
     return all_reduce_sum(torch.tensor(float(correct), device=device), distributed).item() / len(samples)

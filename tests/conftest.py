@@ -77,3 +77,19 @@ def run_torchrun(cmd, output_dir, **kwargs):
         shutil.rmtree(output_dir, ignore_errors=True)
         p = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     return p
+
+
+def count_gathers(monkeypatch):
+    """-> a list that gets one entry each time an FSDP2 unit gathers its weights (in a group of one, a copy), not
+    when it is asked to while they are already gathered."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    gathers, unshard = [], _fsdp_param_group.FSDPParamGroup.unshard
+
+    def counted_unshard(group, *args, **kwargs):
+        if not group.is_unsharded and group._all_gather_result is None:
+            gathers.append(group)
+        return unshard(group, *args, **kwargs)
+
+    monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted_unshard)
+    return gathers

@@ -14,7 +14,7 @@ import rewards
 import train_chord
 import train_grpo
 from train_grpo import grpo_loss, group_advantages
-from conftest import run_torchrun
+from conftest import count_gathers, run_torchrun
 
 # ----------------------------------------------------------------------------- advantages
 
@@ -322,21 +322,13 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
     gives the same completions as the unsharded policy, and leaves the units resharded as shard_model set them."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
     from torch.distributed.tensor import DTensor
 
     cfg = script.parse_config(["--num_generations", "2", "--max_completion_length", "6"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
     samples = data.load_dataset([data.demo_path("rl", "train") + "#1"], "rl", seed=0)
     plain, _ = script.rollout(script.load_model(cfg, CPU, False)[0], encoder, samples, cfg, CPU, seeds=[1, 2])
-    gathers, unshard = [], _fsdp_param_group.FSDPParamGroup.unshard
-
-    def counted_unshard(group, *args, **kwargs):  # a gather (a copy, in a group of one) only when not yet gathered
-        if not group.is_unsharded and group._all_gather_result is None:
-            gathers.append(group)
-        return unshard(group, *args, **kwargs)
-
-    monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted_unshard)
+    gathers = count_gathers(monkeypatch)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)

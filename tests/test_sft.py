@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import data
+import train_dpo
 import train_sft
-from conftest import run_torchrun
+from conftest import count_gathers, run_torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--dataset", "demo", "--val_dataset", "demo", "--num_workers", "0", "--eval_generate", "0",
@@ -202,3 +203,31 @@ def test_profile_script_profiles_whole_steps_of_the_real_loop(tmp_path, capsys):
     assert "ProfilerStep*" in printed and "aten::mm" in printed  # whole steps, with their matrix multiplies
     assert json.loads(trace.read_text())["traceEvents"]
     assert torch.optim.lr_scheduler.LambdaLR.step.__name__ == "step"  # the scheduler is given back unpatched
+
+
+@pytest.mark.parametrize("script, kind", [(train_sft, "sft"), (train_dpo, "dpo")])
+def test_sharded_eval_generation_gathers_each_unit_once(script, kind, monkeypatch):
+    """Under FSDP2, eval generation gathers every unit's weights once for all replies (not at every new token), scores
+    as the unsharded model does, and leaves the units resharded as shard_model set them."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    cpu = torch.device("cpu")
+    cfg = script.parse_config(["--model", "tiny-qwen2.5-vl", "--eval_generate", "2", "--max_new_tokens", "4",
+                               "--per_device_train_batch_size", "2"])
+    val = data.load_dataset([data.demo_path(kind, "val") + "#2"], kind, seed=0)
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    plain = script.evaluate_accuracy(script.load_model(cfg, cpu, False)[0], val, encoder, cfg, cpu, 0, 1, False)
+    gathers = count_gathers(monkeypatch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert script.evaluate_accuracy(model, val, encoder, cfg, cpu, 0, 1, True) == plain
+        assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # and resharding after forward again
+    finally:
+        dist.destroy_process_group()
