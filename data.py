@@ -679,6 +679,26 @@ def collate(examples, packing, pad_token_id=0):
 
 
 PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen")  # model keyword arguments of a packed batch
+WINDOW_KEYS = ("window_index", "cu_window_seqlens", "max_window_seqlen", "max_seqlen")  # see vision_windows
+
+
+def vision_windows(batch, config):
+    """Qwen2.5-VL's vision tower reorders patches by attention window. transformers takes that order from these model
+    keyword arguments when given, else builds it inside every forward on the CPU from the GPU's grid_thw and indexes
+    GPU tensors with CPU indices (forward and backward): about a dozen waits for the GPU a step. Built here, in a
+    DataLoader worker, they reach the GPU with the batch. -> {} where they do not apply: other models, text only, or
+    images and videos in one batch (the tower runs once for each, with the same keyword arguments)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    grids = [batch[k] for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None]
+    vision = getattr(config, "vision_config", None)
+    if len(grids) != 1 or config.model_type != "qwen2_5_vl":
+        return {}
+    window_index, cu_window_seqlens = get_vision_window_index(grids[0], vision.spatial_merge_size, vision.window_size,
+                                                              vision.patch_size)
+    return {"window_index": window_index, "cu_window_seqlens": cu_window_seqlens,
+            "max_window_seqlen": int(cu_window_seqlens.diff().max()),
+            "max_seqlen": int((grids[0][:, 1] * grids[0][:, 2]).max())}  # full attention: one frame of one image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -758,7 +778,8 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         examples = [self.encoder(self.samples[j], **self.encode_kwargs) for j in self.plan[i]]
-        return collate(examples, self.packing, self.encoder.tokenizer.pad_token_id or 0)
+        batch = collate(examples, self.packing, self.encoder.tokenizer.pad_token_id or 0)
+        return batch | vision_windows(batch, self.encoder.config)
 
 
 def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, encode_kwargs=None):

@@ -298,7 +298,7 @@ def shard_model(model, cfg, device):
 # log-softmax taken in chunks (recomputed in backward), so no [T, vocab] fp32 tensor is ever held.
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS + data.WINDOW_KEYS
     return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
             for k in keys if batch.get(k) is not None}
 

@@ -161,6 +161,29 @@ def test_positions_equal_the_models_own(tiny_model_path, mixed_examples, encoder
     assert any(not torch.equal(e["position_ids"][0], e["position_ids"][1]) for e in mixed_examples[tiny_model_path])
 
 
+def test_vision_windows_reach_the_vision_tower_and_match_its_own(tiny_model_path, encoders, mixed_examples):
+    """data.vision_windows (Qwen2.5-VL's window order, built in the DataLoader worker) gives the logits the model
+    gets when it builds the order itself, and the model does use it (a wrong order changes them); other models,
+    and batches with both images and videos, get none."""
+    images = [e for e in mixed_examples[tiny_model_path] if "pixel_values" in e]
+    batch = data.collate(images, packing=True)
+    windows = data.vision_windows(batch, encoders[tiny_model_path].config)
+    if encoders[tiny_model_path].model_type != "qwen2_5_vl":
+        assert windows == {}
+        return
+    assert set(windows) == set(data.WINDOW_KEYS)
+    mixed = data.collate(mixed_examples[tiny_model_path], packing=True)
+    assert data.vision_windows(mixed, encoders[tiny_model_path].config) == {}  # images and a video
+    model = load_model(tiny_model_path, "varlen")
+    logits = lambda extra: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                 **{k: batch.get(k) for k in data.VISION_KEYS + data.PACKED_KEYS}, **extra).logits
+    with torch.no_grad():
+        own, given = logits({}), logits(windows)
+        wrong = logits(dict(windows, window_index=windows["window_index"].flip(0)))
+    assert torch.equal(own, given)
+    assert not torch.allclose(own, wrong)
+
+
 def test_packed_row_is_block_diagonal(tiny_model_path, encoders, media):
     """Changing the first example of a row leaves the second one's log-probabilities alone; with one running text
     position over the whole row (no packing detected) they do change, so this test can see a leak."""
