@@ -314,6 +314,7 @@ class PairDataset(torch.utils.data.Dataset):
         if not index:
             return None
         batch = data.collate(chosen + rejected, packing=True)
+        batch |= data.vision_windows(batch, self.encoder.config)  # Qwen2.5-VL's window order, built here (data.py)
         batch["index"] = torch.tensor(index)
         batch["chosen_tokens"] = sum(int((c["labels"] != data.IGNORE).sum()) for c in chosen)
         return batch
@@ -407,7 +408,7 @@ def shard_model(model, cfg, device, reference=False):
 # chunks (recomputed in backward), so no [T, vocab] fp32 tensor is ever held; then summed per packed sequence.
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS + data.WINDOW_KEYS
     return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
             for k in keys if batch.get(k) is not None}
 
