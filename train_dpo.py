@@ -571,12 +571,12 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
 def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed):
     """Exact match of greedy replies with the chosen replies of the first eval_generate val pairs
     (on the demo: the task accuracy, the chosen reply being the right colour)."""
+    from torch.distributed.fsdp import FSDPModule
+
     samples = val[: cfg.eval_generate]
     mine = samples[rank::world_size]
     batch_size = 2 * cfg.per_device_train_batch_size
     model.eval()
-    from torch.distributed.fsdp import FSDPModule
-
     # FSDP2: each unit gathers its weights once for all the replies, not again at every new token
     gather_once = isinstance(model, FSDPModule)
     if gather_once:
