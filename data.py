@@ -691,9 +691,9 @@ def vision_windows(batch, config):
     from transformers.vision_utils import get_vision_window_index
 
     grids = [batch[k] for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None]
-    vision = getattr(config, "vision_config", None)
     if len(grids) != 1 or config.model_type != "qwen2_5_vl":
         return {}
+    vision = config.vision_config
     window_index, cu_window_seqlens = get_vision_window_index(grids[0], vision.spatial_merge_size, vision.window_size,
                                                               vision.patch_size)
     return {"window_index": window_index, "cu_window_seqlens": cu_window_seqlens,
