@@ -279,9 +279,9 @@ def test_sampler_draws_from_the_filtered_softmax(temperature, top_k, top_p):
     expected = filtered_softmax(logits, temperature, top_k, top_p)
     n = 4000
     # n rows with their own seeds, one draw each; and one row drawn n times
-    across_rows = train_grpo.SeededSampler(range(n), temperature, top_k, top_p, CPU)(None, torch.tensor([logits] * n)).argmax(-1)
+    across_rows = train_grpo.SeededSampler(range(n), temperature, top_k, top_p, CPU)(torch.tensor([logits] * n)).argmax(-1)
     one_row = train_grpo.SeededSampler([n], temperature, top_k, top_p, CPU)
-    over_time = torch.cat([one_row(None, torch.tensor([logits])).argmax(-1) for _ in range(n)])
+    over_time = torch.cat([one_row(torch.tensor([logits])).argmax(-1) for _ in range(n)])
     for tokens in (across_rows, over_time):
         frequencies = (torch.bincount(tokens, minlength=len(logits)).double() / n).tolist()
         for v, (f, p) in enumerate(zip(frequencies, expected)):
@@ -294,7 +294,7 @@ def test_sampler_rows_do_not_depend_on_the_batch():
     alone = train_grpo.SeededSampler([22], 1.0, 10, 0.9, CPU)
     for _ in range(5):
         logits = torch.randn(3, 50, generator=g)
-        assert together(None, logits).argmax(-1)[1] == alone(None, logits[1:2]).argmax(-1)[0]
+        assert together(logits).argmax(-1)[1] == alone(logits[1:2]).argmax(-1)[0]
 
 
 def test_rollout_completion_depends_only_on_its_seed():
@@ -316,6 +316,47 @@ def test_rollout_completion_depends_only_on_its_seed():
     assert train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[7, 8])[0] != alone
 
 
+@pytest.mark.parametrize("model_name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_generate_matches_transformers_generate(model_name):
+    """generate (prefill into a static KV cache, then each token through the language model alone) completes left-padded
+    image prompts token for token as transformers' generate does: greedy, seeded sampling, repetition penalty."""
+    import dataclasses
+
+    from transformers import GenerationConfig
+
+    encoder = data.Encoder(data.resolve_model(model_name))
+    model = train_grpo.load_model(train_grpo.parse_config(["--model", model_name]), CPU, False)[0].eval()
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
+                                                                                   "colour does the circle have?"}])
+    prompts = [encoder(s, **train_grpo.PROMPT) for s in (longer, samples[1])]
+    stop, pad = train_grpo.stop_tokens(encoder), encoder.tokenizer.pad_token_id
+    suppressed = [encoder.image_pad, encoder.video_pad]
+
+    def transformers_generate(rows, new_tokens, sampler=None, penalty=1.0):
+        width = max(len(e["input_ids"]) for e in rows)
+        input_ids = torch.stack([torch.cat([torch.full((width - len(e["input_ids"]),), pad), e["input_ids"]]) for e in rows])
+        mask = torch.stack([torch.arange(width) >= width - len(e["input_ids"]) for e in rows]).long()
+        vision = {k: torch.cat([e[k] for e in rows]) for k in ("pixel_values", "image_grid_thw")}
+        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad,
+                                  suppress_tokens=suppressed, repetition_penalty=penalty, use_cache=True)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=(input_ids == encoder.image_pad).int(),
+                             **vision, generation_config=config,
+                             logits_processor=[lambda ids, scores: sampler(scores)] if sampler else [])
+        return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out[:, width:].tolist()]
+
+    def ours(rows, new_tokens, sampler=None, penalty=1.0):
+        return train_grpo.generate(model, rows, new_tokens, stop, pad, suppressed, sampler, penalty)
+
+    sampler = lambda: train_grpo.SeededSampler([3, 4], 1.0, 0, 1.0, CPU)
+    for rows, new_tokens, kwargs in [(prompts, 20, {}), (prompts, 8, {"sampler": sampler}), (prompts[:1], 20, {"penalty": 1.5})]:
+        expected = transformers_generate(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
+        got = ours(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
+        assert got == expected and max(map(len, got)) > 4, kwargs
+    # the penalty is applied (it changes the greedy completion of this prompt)
+    assert ours(prompts[:1], 20, penalty=1.5) != ours(prompts[:1], 20)
+
+
 @pytest.mark.parametrize("script", [train_grpo, train_chord])
 def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
     """Under FSDP2 the rollout gathers every unit's weights once for the whole generation (not at every new token),
@@ -333,7 +374,7 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
     try:
         model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2], synced=True)
+        sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2], **({"synced": True} if script is train_chord else {}))
         assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
         assert sharded == plain and max(map(len, plain)) > 1
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded
