@@ -427,13 +427,13 @@ def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None
             if seen is not None:
                 seen.scatter_(1, chosen[:, None], True)
             token.copy_(chosen[:, None])
-            if graph is not None:
-                graph.replay()  # logits: the recorded step's output, overwritten in place
-            elif device.type == "cuda" and cuda_graph and t > 0:  # the first step ran eagerly: the warm-up a graph wants
+            if graph is None and device.type == "cuda" and cuda_graph and t > 0:  # t = 0 ran eagerly: a graph's warm-up
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    logits = step()
-                graph.replay()
+                with torch.cuda.graph(graph):  # records the kernels, runs nothing
+                    graph_logits = step()
+            if graph is not None:
+                graph.replay()  # overwrites graph_logits
+                logits = graph_logits
             else:
                 logits = step()
     completions = torch.stack(new_tokens, 1).tolist()
