@@ -291,9 +291,16 @@ def shard_model(model, cfg, device, reference=False):
               "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
     if cfg.offload_optimizer and not reference:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
+    blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
+    for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
+    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
+    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
+    for unit in [model] + blocks:
+        unit.unshard()
+        unit.reshard()
     return model
 
 

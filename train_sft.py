@@ -290,6 +290,12 @@ def shard_model(model, cfg, device):
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
+    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
+    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
+    for unit in [model] + blocks:
+        unit.unshard()
+        unit.reshard()
     return model
 
 

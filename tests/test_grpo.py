@@ -373,6 +373,7 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)
+        gathers.clear()  # shard_model's own gather of every unit, once
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2], **({"synced": True} if script is train_chord else {}))
         assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again

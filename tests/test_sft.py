@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import data
+import train_chord
 import train_dpo
+import train_grpo
 import train_sft
 from conftest import count_gathers, run_torchrun
 
@@ -205,6 +207,30 @@ def test_profile_script_profiles_whole_steps_of_the_real_loop(tmp_path, capsys):
     assert torch.optim.lr_scheduler.LambdaLR.step.__name__ == "step"  # the scheduler is given back unpatched
 
 
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord])
+def test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran(script, monkeypatch):
+    """bf16 compute as on a GPU: a text-only batch never runs the vision blocks, and FSDP2 still accumulates (fp32)
+    gradients over micro-batches through every unit (it raised AttributeError on the GPU before shard_model gathered
+    each unit once). Two accumulating backwards and a reducing one leave the trained weights with gradients."""
+    import torch.distributed as dist
+    from torch.distributed import fsdp
+
+    policy = fsdp.MixedPrecisionPolicy
+    monkeypatch.setattr(fsdp, "MixedPrecisionPolicy", lambda param_dtype, reduce_dtype: policy(torch.bfloat16, reduce_dtype))
+    cpu = torch.device("cpu")
+    cfg = script.parse_config(["--model", "tiny-qwen2.5-vl", "--train_type", "lora"])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+        for last in (False, False, True):
+            model.set_requires_gradient_sync(last)
+            model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().square().mean().backward()
+        grads = [p.grad for p in model.model.language_model.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("script, kind", [(train_sft, "sft"), (train_dpo, "dpo")])
 def test_sharded_eval_generation_gathers_each_unit_once(script, kind, monkeypatch):
     """Under FSDP2, eval generation gathers every unit's weights once for all replies (not at every new token), scores
@@ -223,6 +249,7 @@ def test_sharded_eval_generation_gathers_each_unit_once(script, kind, monkeypatc
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+        gathers.clear()  # shard_model's own gather of every unit, once
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         assert script.evaluate_accuracy(model, val, encoder, cfg, cpu, 0, 1, True) == plain
         assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
