@@ -712,10 +712,18 @@ VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks t
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
-    training batch (packed_cu_seqlens, causal). Anything else (generation with a KV cache, padded rows) is SDPA with
-    the mask transformers built. On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
+    training batch (packed_cu_seqlens, causal). Generation's new token attends with its query heads grouped per key/value
+    head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built. On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    batch, heads, new_tokens, head_dim = query.shape
+    if new_tokens == 1 and key.shape[1] < heads:  # generation's one new token under grouped-query attention
+        # each key/value head's group of query heads attends as that many queries of one sequence: the same sums
+        # without SDPA's fallback for a masked GQA call, which copies every cached key and value head per query head
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.view(batch, key.shape[1], heads // key.shape[1], head_dim), key, value,
+            attn_mask=None if attention_mask is None else attention_mask[..., : key.shape[2]], scale=scaling)
+        return out.reshape(batch, heads, 1, head_dim).transpose(1, 2), None
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seqlens is None:
         cu_seqlens, max_seqlen = kwargs.get("packed_cu_seqlens"), kwargs.get("packed_max_seqlen")

@@ -143,6 +143,24 @@ def test_varlen_attention_sees_every_boundary(tiny_model_path, mixed_examples):
     assert calls["vision"] >= model.config.vision_config.depth and calls["other"] == 0
 
 
+def test_varlen_attention_decodes_a_grouped_query_token_as_sdpa_does():
+    """One new token over a KV cache with padding masked out (generation under grouped-query attention): the grouped
+    path gives transformers' SDPA result, which copies the key/value heads per query head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = torch.randn(3, 8, 1, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 12, dtype=torch.bool)  # a static cache's mask may be longer than the keys given
+    mask[0, ..., :4] = mask[2, ..., 7:] = False
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 4
+    ours, _ = data.varlen_attention(module, query, key, value, mask, scaling=0.3)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask[..., :10], scaling=0.3)
+    assert ours.shape == expected.shape == (3, 1, 8, 16)
+    assert (ours - expected).abs().max() < 1e-5
+    assert (ours - data.varlen_attention(module, query, key, value, None, scaling=0.3)[0]).abs().max() > 1e-2  # the mask counts
+
+
 def test_positions_equal_the_models_own(tiny_model_path, mixed_examples, encoders):
     """Our position_ids give the logits the model gives when it computes the multimodal rope positions itself."""
     model, encoder = load_model(tiny_model_path, "sdpa"), encoders[tiny_model_path]
