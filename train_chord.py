@@ -15,6 +15,7 @@ decaying to --chord_mu_valley (CHORD-mu), and L_SFT the token-mean NLL of the ex
 weighted by p (1 - p) (CHORD-phi, --chord_enable_phi_function). Expert data: --chord_sft_dataset in any SFT format;
 not given: the demo's SFT split for the demo prompts, else each RL record's `solution` as its expert reply.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -62,6 +63,7 @@ class Config:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     generation_batch_size: int = 0  # completions per generate call on each process (0: a whole rollout at once)
+    cuda_graph: bool = True  # GPU: each new token's step replays a CUDA graph (the same numbers, far fewer launches)
     # rewards and advantages
     reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in rewards.REWARDS or a plugin
     reward_weights: list[float] | None = None  # one per reward function; default 1.0 each
@@ -367,22 +369,21 @@ def truncated(completion_ids, encoder):
 
 
 class SeededSampler:
-    """Sampling in which each completion depends only on its own seed: a transformers logits processor, the last one
-    generate(do_sample=False) applies (after its repetition penalty and suppressed tokens), whose argmax is the sample.
+    """Sampling in which each completion depends only on its own seed: logits [rows, vocab] -> scores whose argmax
+    is each row's sample.
 
     The Gumbel-max trick: with u_v ~ U(0, 1) independent and g_v = -log(-log u_v), argmax_v (z_v / T + g_v) is an
-    exact draw from softmax(z / T). So the processor divides the logits by the temperature, filters them as
+    exact draw from softmax(z / T). So the sampler divides the logits by the temperature, filters them as
     transformers' warpers do (top-k, then top-p of what is left), and adds Gumbel noise from each row's own
     torch.Generator. Row i's t-th token takes the t-th draw of generator i whatever the other rows are, however they
-    are padded and whichever process runs them: a finished row keeps drawing (its token is padding), and under
-    synced_gpus a process whose rows are all finished skips the processor. A vLLM backend gets the same seeds per
-    request. The cost, one draw per row and token, is small next to the forward."""
+    are padded and whichever process runs them: a finished row keeps drawing (its token is padding). A vLLM backend
+    gets the same seeds per request. The cost, one draw per row and token, is small next to the forward."""
 
     def __init__(self, seeds, temperature, top_k, top_p, device):
         self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, scores):
         scores = scores / self.temperature
         if 0 < self.top_k < scores.shape[-1]:  # the k most likely tokens (and any tied with the k-th)
             scores = scores.masked_fill(scores < scores.topk(self.top_k).values[:, -1:], -math.inf)
@@ -404,67 +405,143 @@ def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
             for j in range(num_prompts) for k in range(cfg.num_generations)]
 
 
+@contextlib.contextmanager
+def fsdp_hooks_off(model):
+    """FSDP2 runs hooks around each unit's forward: gather its weights, order its streams. Decoding needs none of them
+    (generate keeps every unit gathered) and a CUDA graph cannot record the stream waits; so they are set aside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    hooks = [(m._forward_pre_hooks, m._forward_hooks) for m in units]
+    for m in units:
+        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    try:
+        yield
+    finally:
+        for m, (pre, post) in zip(units, hooks):
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
 @torch.no_grad()
-def rollout(model, encoder, samples, cfg, device, synced=False, greedy=False, prompts=None, seeds=None):
+def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None, repetition_penalty=1.0, cuda_graph=True):
+    """Encoded prompts -> one list of new token ids per prompt, up to and including its first stop token (at most
+    max_new_tokens). Greedy, or the argmax of sampler(logits) (SeededSampler); `suppressed` tokens are never chosen.
+
+    transformers' generate() takes ~70 ms a token for 64 rows of a 3B model on an H100 however little the GPU has to do:
+    Python launches each layer's kernels (~30, twice that with LoRA) one by one. Here the prompts go once through the
+    model's own forward (vision included) into a static KV cache. Every later token goes through the language model
+    alone with the same shapes and buffers (token, mask, positions and cache advance in place), so on a GPU that step
+    is recorded once as a CUDA graph and replayed: one launch a token. Under FSDP2 the prefill gathers each unit's
+    weights, which stay gathered (rollout's set_reshard_after_forward(False)); the steps run without FSDP's hooks."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    rows, width = len(prompts), max(len(e["input_ids"]) for e in prompts)
+    input_ids = torch.full((rows, width), pad)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    position_ids = torch.zeros((4, rows, width), dtype=torch.long)  # the encoder's text + 3 rope rows; 0 on padding
+    for row, e in enumerate(prompts):  # left padding: every prompt's last token sits in the last column
+        n = len(e["input_ids"])
+        input_ids[row, width - n:], attention_mask[row, width - n:] = e["input_ids"], 1
+        position_ids[:, row, width - n:] = e["position_ids"]
+    vision = {k: torch.cat([e[k] for e in prompts if k in e]).to(device)
+              for k in data.VISION_KEYS if any(k in e for e in prompts)}
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1, **vision).logits[:, -1].float()
+
+    # the decode step's buffers: the token in, the positions it may attend to (the prompt's and every new one), and
+    # its rope position, one past the prompt's largest (Qwen-VL's positions run on from the largest image position)
+    token = torch.full((rows, 1), pad, device=device)
+    mask = torch.zeros((rows, 1, 1, width + max_new_tokens), dtype=torch.bool, device=device)
+    mask[:, 0, 0, :width] = attention_mask.bool()
+    cached = cache.layers[0].cumulative_length  # tokens in the cache: a device tensor the cache advances itself
+    position_offset = (position_ids[1:].amax(dim=(0, 2)) + 1 - width).to(device)
+
+    def step():  # token -> the logits that follow it
+        mask.index_fill_(3, cached.view(1), True)
+        position = (position_offset + cached).view(1, rows, 1).expand(3, rows, 1)
+        hidden = model.model.language_model(input_ids=token, attention_mask=mask, position_ids=position,
+                                            past_key_values=cache, use_cache=True).last_hidden_state
+        return model.lm_head(hidden[:, -1]).float()
+
+    seen = None  # the repetition penalty's tokens: the prompt's (not its padding) and every one generated
+    if repetition_penalty != 1:
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.to(device), attention_mask.bool().to(device))
+    stop_ids, suppressed = torch.tensor(stop, device=device), torch.tensor(suppressed, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    new_tokens, graph = [], None
+    with fsdp_hooks_off(model):
+        for t in range(max_new_tokens):
+            if seen is not None:  # transformers' repetition penalty: a seen token's logit is pushed toward "unlikely"
+                logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty), logits)
+            logits = logits.index_fill(1, suppressed, -math.inf)
+            chosen = (logits if sampler is None else sampler(logits)).argmax(-1).masked_fill(finished, pad)
+            new_tokens.append(chosen)
+            finished |= torch.isin(chosen, stop_ids)
+            # a host sync: every 16 tokens, not every token (a finished row only adds padding)
+            if t + 1 == max_new_tokens or (t % 16 == 15 and bool(finished.all())):
+                break
+            if seen is not None:
+                seen.scatter_(1, chosen[:, None], True)
+            token.copy_(chosen[:, None])
+            if graph is None and device.type == "cuda" and cuda_graph and t > 0:  # t = 0 ran eagerly: a graph's warm-up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # records the kernels, runs nothing
+                    graph_logits = step()
+            if graph is not None:
+                graph.replay()  # overwrites graph_logits
+                logits = graph_logits
+            else:
+                logits = step()
+    completions = torch.stack(new_tokens, 1).tolist()
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in completions]
+
+
+@torch.no_grad()
+def rollout(model, encoder, samples, cfg, device, greedy=False, prompts=None, seeds=None):
     """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
     --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
-    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. One batched generate with a
-    KV cache over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
+    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. Batched generate calls
+    (generate) over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
     repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
     from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
     from torch.distributed.fsdp import FSDPModule
-    from transformers import GenerationConfig
 
-    prompts = prompts or [encoder.encode(s, **PROMPT) for s in samples]
+    prompts = prompts or [encoder(s, **PROMPT) for s in samples]
     rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
     if not greedy and seeds is None:
         seeds = torch.randint(2**62, (len(rows),)).tolist()
     tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    # a fresh config: a checkpoint's own (Qwen's: top_k 1, temperature 0.1 ...) must not leak in. Vision placeholders
-    # are never sampled: the model would look for an image that is not there. do_sample=False: SeededSampler samples
-    vision_tokens = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-    generation_config = GenerationConfig(max_new_tokens=cfg.max_completion_length, do_sample=False, eos_token_id=stop,
-                                         pad_token_id=pad, suppress_tokens=vision_tokens, use_cache=True,
-                                         repetition_penalty=1.0 if greedy else cfg.repetition_penalty)
+    # vision placeholders are never sampled: the model would look for an image that is not there
+    suppressed = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
     was_training = model.training
     model.eval()
     # FSDP2: each unit gathers its weights once for the whole generation (the policy, unsharded in bf16, for that
-    # time), not again at every new token, which re-gathered every layer max_completion_length times
+    # time), not again at every new token
     gather_once = isinstance(model, FSDPModule)
     if gather_once:
         model.set_reshard_after_forward(False)
     completion_ids = []
     size = cfg.generation_batch_size or len(rows)
     for start in range(0, len(rows), size):
-        part = rows[start : start + size]
-        width = max(len(e["input_ids"]) for e in part)
-        input_ids = torch.full((len(part), width), pad)
-        attention_mask = torch.zeros((len(part), width), dtype=torch.long)
-        for row, e in enumerate(part):
-            input_ids[row, width - len(e["input_ids"]):] = e["input_ids"]
-            attention_mask[row, width - len(e["input_ids"]):] = 1
-        vision = {k: torch.cat([e[k] for e in part if k in e]).to(device) for k in data.VISION_KEYS if any(k in e for e in part)}
-        mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
-        sampler = [] if greedy else [SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)]
+        sampler = None if greedy else SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)
         # --compile serves the log-prob passes, not generation: under a KV cache each decoder layer's graph specialises
         # on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8 graphs of
-        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
+        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU).
+        # The autocast cache stays off: a CUDA graph must not record casts cached outside it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
                 torch.compiler.set_stance("force_eager"):
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 mm_token_type_ids=mm_token_type_ids.to(device), **vision, generation_config=generation_config,
-                                 logits_processor=sampler, synced_gpus=synced)
-        for row in out[:, width:].tolist():
-            end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))  # up to the first stop, padding after
-            completion_ids.append(row[:end])
+            completion_ids += generate(model, rows[start : start + size], cfg.max_completion_length, stop, pad, suppressed,
+                                       sampler, 1.0 if greedy else cfg.repetition_penalty, cfg.cuda_graph)
     if gather_once:
         for unit in model.modules():
             if isinstance(unit, FSDPModule):
                 unit.reshard()
         model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
     model.train(was_training)
-    model.config.use_cache = False
     return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
 
 
@@ -514,9 +591,9 @@ def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_si
     errors = {}  # completions whose reward failed, per reward (--reward_error skip)
     for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
         samples = [train[i] for i in next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size)]
-        prompts = [encoder.encode(s, **PROMPT) for s in samples]
+        prompts = [encoder(s, **PROMPT) for s in samples]
         seeds = sampling_seeds(cfg, state["step"], rounds, rank * prompts_per_rank, len(samples))
-        completion_ids, texts = rollout(model, encoder, samples, cfg, device, synced=distributed, prompts=prompts, seeds=seeds)
+        completion_ids, texts = rollout(model, encoder, samples, cfg, device, prompts=prompts, seeds=seeds)
         total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
         generated["reward"] += total.tolist()
         for name, values in per_function.items():
@@ -843,7 +920,7 @@ def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward sum, prompts, correct, prompts with a solution
     for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), size):
         chunk = mine[i : i + size] or samples[:1]  # every process runs the same number of generate calls
-        completion_ids, texts = rollout(model, encoder, chunk, cfg, device, synced=distributed, greedy=True)
+        completion_ids, texts = rollout(model, encoder, chunk, cfg, device, greedy=True)
         if mine[i : i + size]:
             total, _ = score(chunk, completion_ids, texts, cfg, 1)
             correct = [c for c in rewards.accuracy(texts, solution=[s.extra.get("solution") for s in chunk]) if c is not None]

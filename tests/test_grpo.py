@@ -316,8 +316,9 @@ def test_rollout_completion_depends_only_on_its_seed():
     assert train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[7, 8])[0] != alone
 
 
+@pytest.mark.parametrize("script", [train_grpo, train_chord])
 @pytest.mark.parametrize("model_name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_generate_matches_transformers_generate(model_name):
+def test_generate_matches_transformers_generate(model_name, script):
     """generate (prefill into a static KV cache, then each token through the language model alone) completes left-padded
     image prompts token for token as transformers' generate does: greedy, seeded sampling, repetition penalty."""
     import dataclasses
@@ -325,12 +326,12 @@ def test_generate_matches_transformers_generate(model_name):
     from transformers import GenerationConfig
 
     encoder = data.Encoder(data.resolve_model(model_name))
-    model = train_grpo.load_model(train_grpo.parse_config(["--model", model_name]), CPU, False)[0].eval()
+    model = script.load_model(script.parse_config(["--model", model_name]), CPU, False)[0].eval()
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
                                                                                    "colour does the circle have?"}])
-    prompts = [encoder(s, **train_grpo.PROMPT) for s in (longer, samples[1])]
-    stop, pad = train_grpo.stop_tokens(encoder), encoder.tokenizer.pad_token_id
+    prompts = [encoder(s, **script.PROMPT) for s in (longer, samples[1])]
+    stop, pad = script.stop_tokens(encoder), encoder.tokenizer.pad_token_id
     suppressed = [encoder.image_pad, encoder.video_pad]
 
     def transformers_generate(rows, new_tokens, sampler=None, penalty=1.0):
@@ -346,9 +347,9 @@ def test_generate_matches_transformers_generate(model_name):
         return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out[:, width:].tolist()]
 
     def ours(rows, new_tokens, sampler=None, penalty=1.0):
-        return train_grpo.generate(model, rows, new_tokens, stop, pad, suppressed, sampler, penalty)
+        return script.generate(model, rows, new_tokens, stop, pad, suppressed, sampler, penalty)
 
-    sampler = lambda: train_grpo.SeededSampler([3, 4], 1.0, 0, 1.0, CPU)
+    sampler = lambda: script.SeededSampler([3, 4], 1.0, 0, 1.0, CPU)
     for rows, new_tokens, kwargs in [(prompts, 20, {}), (prompts, 8, {"sampler": sampler}), (prompts[:1], 20, {"penalty": 1.5})]:
         expected = transformers_generate(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
         got = ours(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
@@ -375,7 +376,7 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
         model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)
         gathers.clear()  # shard_model's own gather of every unit, once
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2], **({"synced": True} if script is train_chord else {}))
+        sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2])
         assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
         assert sharded == plain and max(map(len, plain)) > 1
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded
