@@ -1073,6 +1073,8 @@ def main(argv=None):
                 averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
                             for k in window[0]}
                 averaged["tokens_per_s"] = averaged.pop("tokens") / averaged["step_s"]  # this process's, over the window
+                if device.type == "cuda":
+                    averaged["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged,
                      "skipped_steps": state["skipped_steps"]})
                 window = []
