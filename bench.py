@@ -24,9 +24,9 @@ every step, on the same sequences: with LoRA the same model with its adapters of
 copy (no precomputed reference log-probabilities in either). Plain sigmoid DPO: train_dpo.py's NLL term is off
 (--rpo_alpha 0), as in TRL's default loss.
 GRPO: --prompts_per_step prompts of --prompt_tokens tokens, --num_generations completions of each sampled by the
-policy itself (transformers generate with a KV cache, no vLLM) up to --max_completion_length tokens, scored by
-rewards.random (no cost, and every group gets a non-zero advantage); one optimizer step per rollout, in micro-batches
-of --per_device_train_batch_size completions. Completions are not forced to full length: train_grpo.py has no
+policy itself (no vLLM: train_grpo.py's own CUDA-graphed decode loop, TRL's transformers generate) up to
+--max_completion_length tokens, scored by rewards.random (no cost, and every group gets a non-zero advantage); one
+optimizer step per rollout, in micro-batches of --per_device_train_batch_size completions. Completions are not forced to full length: train_grpo.py has no
 switch to ignore the end-of-turn token (TRL has, through generation_kwargs; left off, so both do the same work). But a
 random-weight model's next token is close to uniform over a real vocabulary (152k tokens), so one of the two stop
 tokens comes about once in 76,000 tokens and nearly every completion runs to the limit. The table shows the mean
