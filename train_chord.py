@@ -458,10 +458,13 @@ def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None
     cached = cache.layers[0].cumulative_length  # tokens in the cache: a device tensor the cache advances itself
     position_offset = (position_ids[1:].amax(dim=(0, 2)) + 1 - width).to(device)
 
+    additive = model.config.text_config._attn_implementation == "eager"  # eager attention adds its mask to the scores
+
     def step():  # token -> the logits that follow it
         mask.index_fill_(3, cached.view(1), True)
         position = (position_offset + cached).view(1, rows, 1).expand(3, rows, 1)
-        hidden = model.model.language_model(input_ids=token, attention_mask=mask, position_ids=position,
+        allowed = torch.where(mask, 0.0, torch.finfo(torch.float32).min) if additive else mask
+        hidden = model.model.language_model(input_ids=token, attention_mask=allowed, position_ids=position,
                                             past_key_values=cache, use_cache=True).last_hidden_state
         return model.lm_head(hidden[:, -1]).float()
 

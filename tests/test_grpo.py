@@ -316,9 +316,12 @@ def test_rollout_completion_depends_only_on_its_seed():
     assert train_grpo.rollout(model, encoder, [samples[1]], cfg, CPU, seeds=[7, 8])[0] != alone
 
 
-@pytest.mark.parametrize("script", [train_grpo, train_chord])
-@pytest.mark.parametrize("model_name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_generate_matches_transformers_generate(model_name, script):
+@pytest.mark.parametrize("script, model_name, attention", [(train_grpo, "tiny-qwen2.5-vl", "varlen"),
+                                                         (train_grpo, "tiny-qwen3-vl", "varlen"),
+                                                         (train_chord, "tiny-qwen2.5-vl", "varlen"),
+                                                         (train_chord, "tiny-qwen3-vl", "varlen"),
+                                                         (train_grpo, "tiny-qwen2.5-vl", "eager")])
+def test_generate_matches_transformers_generate(script, model_name, attention):
     """generate (prefill into a static KV cache, then each token through the language model alone) completes left-padded
     image prompts token for token as transformers' generate does: greedy, seeded sampling, repetition penalty."""
     import dataclasses
@@ -326,7 +329,8 @@ def test_generate_matches_transformers_generate(model_name, script):
     from transformers import GenerationConfig
 
     encoder = data.Encoder(data.resolve_model(model_name))
-    model = script.load_model(script.parse_config(["--model", model_name]), CPU, False)[0].eval()
+    cfg = script.parse_config(["--model", model_name, "--attn_implementation", attention])
+    model = script.load_model(cfg, CPU, False)[0].eval()
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
                                                                                    "colour does the circle have?"}])
