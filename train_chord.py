@@ -431,8 +431,9 @@ def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None
     Python launches each layer's kernels (~30, twice that with LoRA) one by one. Here the prompts go once through the
     model's own forward (vision included) into a static KV cache. Every later token goes through the language model
     alone with the same shapes and buffers (token, mask, positions and cache advance in place), so on a GPU that step
-    is recorded once as a CUDA graph and replayed: one launch a token. Under FSDP2 the prefill gathers each unit's
-    weights, which stay gathered (rollout's set_reshard_after_forward(False)); the steps run without FSDP's hooks."""
+    is recorded once as a CUDA graph and replayed; sampling stays eager (a few dozen small kernels a token). Under
+    FSDP2 the prefill gathers each unit's weights, which stay gathered (rollout's set_reshard_after_forward(False));
+    the steps run without FSDP's hooks."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
