@@ -321,9 +321,10 @@ def test_rollout_completion_depends_only_on_its_seed():
                                                          (train_chord, "tiny-qwen2.5-vl", "varlen"),
                                                          (train_chord, "tiny-qwen3-vl", "varlen"),
                                                          (train_grpo, "tiny-qwen2.5-vl", "eager")])
-def test_generate_matches_transformers_generate(script, model_name, attention):
+def test_generate_matches_transformers_generate(script, model_name, attention, media):
     """generate (prefill into a static KV cache, then each token through the language model alone) completes left-padded
-    image prompts token for token as transformers' generate does: greedy, seeded sampling, repetition penalty."""
+    image, video and text prompts token for token as transformers' generate does: greedy, seeded sampling, repetition
+    penalty."""
     import dataclasses
 
     from transformers import GenerationConfig
@@ -334,7 +335,9 @@ def test_generate_matches_transformers_generate(script, model_name, attention):
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
                                                                                    "colour does the circle have?"}])
-    prompts = [encoder(s, **script.PROMPT) for s in (longer, samples[1])]
+    video = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<video>Which colour is this?"}],
+                                images=[], videos=[media["video.avi"]])
+    prompts = [encoder(s, **script.PROMPT) for s in (longer, video, samples[1])]
     stop, pad = script.stop_tokens(encoder), encoder.tokenizer.pad_token_id
     suppressed = [encoder.image_pad, encoder.video_pad]
 
@@ -342,10 +345,12 @@ def test_generate_matches_transformers_generate(script, model_name, attention):
         width = max(len(e["input_ids"]) for e in rows)
         input_ids = torch.stack([torch.cat([torch.full((width - len(e["input_ids"]),), pad), e["input_ids"]]) for e in rows])
         mask = torch.stack([torch.arange(width) >= width - len(e["input_ids"]) for e in rows]).long()
-        vision = {k: torch.cat([e[k] for e in rows]) for k in ("pixel_values", "image_grid_thw")}
+        keys = data.VISION_KEYS + (("second_per_grid_ts",) if encoder.model_type != "qwen3_vl" else ())  # video rope spacing
+        vision = {k: torch.cat([e[k] for e in rows if k in e]) for k in keys if any(k in e for e in rows)}
+        mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
         config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad,
                                   suppress_tokens=suppressed, repetition_penalty=penalty, use_cache=True)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=(input_ids == encoder.image_pad).int(),
+        out = model.generate(input_ids=input_ids, attention_mask=mask, mm_token_type_ids=mm_token_type_ids,
                              **vision, generation_config=config,
                              logits_processor=[lambda ids, scores: sampler(scores)] if sampler else [])
         return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out[:, width:].tolist()]
@@ -353,7 +358,7 @@ def test_generate_matches_transformers_generate(script, model_name, attention):
     def ours(rows, new_tokens, sampler=None, penalty=1.0):
         return script.generate(model, rows, new_tokens, stop, pad, suppressed, sampler, penalty)
 
-    sampler = lambda: script.SeededSampler([3, 4], 1.0, 0, 1.0, CPU)
+    sampler = lambda: script.SeededSampler([3, 4, 5], 1.0, 0, 1.0, CPU)
     for rows, new_tokens, kwargs in [(prompts, 20, {}), (prompts, 8, {"sampler": sampler}), (prompts[:1], 20, {"penalty": 1.5})]:
         expected = transformers_generate(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
         got = ours(rows, new_tokens, **{k: v() if callable(v) else v for k, v in kwargs.items()})
