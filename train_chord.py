@@ -343,14 +343,20 @@ def shard_model(model, cfg, device, reference=False):
               "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
     if cfg.offload_optimizer and not reference:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
-    for block in blocks:
-        fully_shard(block, **kwargs)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, **kwargs)
+    # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
+    # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
+    # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
+    vision = {**kwargs, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                          cast_forward_inputs=False)}
+    for block in model.model.visual.blocks:
+        fully_shard(block, **vision)
     fully_shard(model, **kwargs)
     # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
     # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
     # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
-    for unit in [model] + blocks:
+    for unit in [model, *model.model.language_model.layers, *model.model.visual.blocks]:
         unit.unshard()
         unit.reshard()
     return model
