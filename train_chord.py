@@ -1084,7 +1084,8 @@ def main(argv=None):
         model = shard_model(model, cfg, device)
         reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
     if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (the reference only scores: eager)
-        # (not the vision blocks: on an H100, packed rows of 16 images did not finish compiling in 3 minutes)
+        # (not the vision blocks: compiled, they failed activation checkpointing on an H100 with torch 2.11, fixed since
+        # in shard_model but not yet measured)
         for layer in model.model.language_model.layers:
             layer.compile(dynamic=True)  # rows of any length without a recompile
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)

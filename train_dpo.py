@@ -714,7 +714,8 @@ def main(argv=None):
     if distributed:
         model = shard_model(model, cfg, device)
     if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (a reference copy only scores: eager)
-        # (not the vision blocks: on an H100, packed rows of 16 images did not finish compiling in 3 minutes)
+        # (not the vision blocks: compiled, they failed activation checkpointing on an H100 with torch 2.11, fixed since
+        # in shard_model but not yet measured)
         for layer in model.model.language_model.layers:
             layer.compile(dynamic=True)  # rows of any length without a recompile
     # the reference: stored log-probabilities, the policy with adapters off (LoRA), or a frozen copy (full)
