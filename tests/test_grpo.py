@@ -367,6 +367,29 @@ def test_generate_matches_transformers_generate(script, model_name, attention, m
     assert ours(prompts[:1], 20, penalty=1.5) != ours(prompts[:1], 20)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_rollout_gives_the_eager_loops_completions():
+    """On a GPU the decode step is recorded once as a CUDA graph and replayed; --cuda_graph false runs the same loop
+    eagerly. Both give the same completions, greedy and seeded (an FSDP2 group of one, as a one-GPU run is)."""
+    import torch.distributed as dist
+
+    cuda = torch.device("cuda")
+    cfg = train_grpo.parse_config(["--train_type", "lora", "--num_generations", "4", "--max_completion_length", "40"])
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = train_grpo.shard_model(train_grpo.load_model(cfg, cuda, True)[0], cfg, cuda)
+        runs = {}
+        for graph in (True, False):
+            cfg.cuda_graph = graph
+            runs[graph] = [train_grpo.rollout(model, encoder, samples, cfg, cuda, seeds=list(range(8)))[0],
+                           train_grpo.rollout(model, encoder, samples, cfg, cuda, greedy=True)[0]]
+    finally:
+        dist.destroy_process_group()
+    assert runs[True] == runs[False] and max(map(len, runs[True][0])) > 16
+
+
 @pytest.mark.parametrize("script", [train_grpo, train_chord])
 def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
     """Under FSDP2 the rollout gathers every unit's weights once for the whole generation (not at every new token),
