@@ -712,8 +712,9 @@ VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks t
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
-    training batch (packed_cu_seqlens, causal). Generation's new token attends with its query heads grouped per key/value
-    head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built. On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
+    training batch (packed_cu_seqlens, causal). Generation's new token attends with its query heads grouped per
+    key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
+    On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, new_tokens, head_dim = query.shape

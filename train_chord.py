@@ -477,8 +477,8 @@ def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None
 
     seen = None  # the repetition penalty's tokens: the prompt's (not its padding) and every one generated
     if repetition_penalty != 1:
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids.to(device), attention_mask.bool().to(device))
+        counts = torch.zeros(logits.shape, dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, input_ids.to(device), attention_mask.to(device)) > 0
     stop_ids, suppressed = torch.tensor(stop, device=device), torch.tensor(suppressed, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     new_tokens, graph = [], None
