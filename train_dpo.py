@@ -801,6 +801,10 @@ def main(argv=None):
         default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
     stop, bad_in_a_row, checkpoint_path = False, 0, None
     outcomes = []  # (flags [nonfinite, SIGTERM] on their way to the host, the event that marks their arrival) per step
+
+    def due(every):  # a step on which something happens every `every` steps (and the last step)
+        return every > 0 and (state["step"] % every == 0 or state["step"] == total_steps)
+
     while state["step"] < total_steps and not stop:
         plan = plan_of(state["epoch"])
         loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:]))
@@ -843,10 +847,10 @@ def main(argv=None):
             state["step"] += 1
             if progress:
                 progress.update(1)
-            outcomes.append((flags.to("cpu", non_blocking=True), torch.cuda.Event() if device.type == "cuda" else None))
-            if outcomes[-1][1]:
-                outcomes[-1][1].record()
-            due = lambda every: every > 0 and (state["step"] % every == 0 or state["step"] == total_steps)
+            copied = torch.cuda.Event() if device.type == "cuda" else None  # recorded after the copy is queued
+            outcomes.append((flags.to("cpu", non_blocking=True), copied))
+            if copied:
+                copied.record()
             boundary = due(cfg.logging_steps) or val and due(cfg.eval_steps) or due(cfg.save_steps)
             while outcomes and (len(outcomes) > 1 or boundary or stop or bad_in_a_row >= cfg.max_bad_steps):
                 outcome, copied = outcomes.pop(0)

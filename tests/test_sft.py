@@ -207,56 +207,51 @@ def test_profile_script_profiles_whole_steps_of_the_real_loop(tmp_path, capsys):
     assert torch.optim.lr_scheduler.LambdaLR.step.__name__ == "step"  # the scheduler is given back unpatched
 
 
+@pytest.fixture
+def bf16_group_of_one(monkeypatch):
+    """A gloo process group of one in which shard_model's FSDP2 units compute in bf16, as they do on a GPU."""
+    import torch.distributed as dist
+    from torch.distributed import fsdp
+
+    policy = fsdp.MixedPrecisionPolicy
+    monkeypatch.setattr(fsdp, "MixedPrecisionPolicy", lambda param_dtype, **kwargs: policy(torch.bfloat16, **kwargs))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord])
-def test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran(script, monkeypatch):
+def test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran(script, bf16_group_of_one):
     """bf16 compute as on a GPU: a text-only batch never runs the vision blocks, and FSDP2 still accumulates (fp32)
     gradients over micro-batches through every unit (it raised AttributeError on the GPU before shard_model gathered
     each unit once). Two accumulating backwards and a reducing one leave the trained weights with gradients."""
-    import torch.distributed as dist
-    from torch.distributed import fsdp
-
-    policy = fsdp.MixedPrecisionPolicy
-    monkeypatch.setattr(fsdp, "MixedPrecisionPolicy", lambda param_dtype, **kwargs: policy(torch.bfloat16, **kwargs))
     cpu = torch.device("cpu")
     cfg = script.parse_config(["--model", "tiny-qwen2.5-vl", "--train_type", "lora"])
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
-        for last in (False, False, True):
-            model.set_requires_gradient_sync(last)
-            model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().square().mean().backward()
-        grads = [p.grad for p in model.model.language_model.parameters() if p.requires_grad]
-        assert grads and all(g is not None for g in grads)
-    finally:
-        dist.destroy_process_group()
+    model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+    for last in (False, False, True):
+        model.set_requires_gradient_sync(last)
+        model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().square().mean().backward()
+    grads = [p.grad for p in model.model.language_model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
 
 
 @pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord])
-def test_sharded_vision_blocks_keep_their_rotary_in_float32(script, monkeypatch):
+def test_sharded_vision_blocks_keep_their_rotary_in_float32(script, bf16_group_of_one):
     """bf16 compute as on a GPU: the vision blocks get their rotary cos/sin in fp32, as transformers computes them, and
     not cast to bf16 by FSDP2 (torch < 2.13 leaves a recomputed unit's inputs uncast, so a forward-only cast made the
     recompute differ from the forward); the hidden states reach them in bf16."""
-    import torch.distributed as dist
-    from torch.distributed import fsdp
-
-    policy = fsdp.MixedPrecisionPolicy
-    monkeypatch.setattr(fsdp, "MixedPrecisionPolicy", lambda param_dtype, **kwargs: policy(torch.bfloat16, **kwargs))
     cpu = torch.device("cpu")
     cfg = script.parse_config(["--model", "tiny-qwen2.5-vl"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
     example = encoder(data.load_dataset([data.demo_path("sft", "train") + "#1"], "sft", seed=0)[0])
     seen = []
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
-        for block in model.model.visual.blocks:
-            block.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
-                (args[0].dtype, kwargs["position_embeddings"][0].dtype)), with_kwargs=True)
-        with torch.no_grad():
-            model(input_ids=example["input_ids"][None], position_ids=example["position_ids"][:, None],
-                  pixel_values=example["pixel_values"], image_grid_thw=example["image_grid_thw"])
-    finally:
-        dist.destroy_process_group()
+    model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+    for block in model.model.visual.blocks:
+        block.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+            (args[0].dtype, kwargs["position_embeddings"][0].dtype)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=example["input_ids"][None], position_ids=example["position_ids"][:, None],
+              pixel_values=example["pixel_values"], image_grid_thw=example["image_grid_thw"])
     assert seen == [(torch.bfloat16, torch.float32)] * len(model.model.visual.blocks)
 
 
