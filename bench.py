@@ -138,37 +138,41 @@ def write_image_records(path, tokenizer, examples, text_tokens, image_size, seed
         for i in range(examples):
             image = os.path.join(folder, f"{i}.png")
             Image.frombytes("RGB", (image_size, image_size), rng.randbytes(3 * image_size * image_size)).save(image)
-            say = lambda n: "".join(" " + rng.choice(vocab) for _ in range(n)).strip()
+            say = lambda n: "".join(" " + rng.choice(vocab) for _ in range(n))  # n tokens (each word after a space)
             f.write(json.dumps({"messages": [{"role": "user", "content": "<image>" + say(16)},
                                              {"role": "assistant", "content": say(text_tokens)}], "images": [image]}) + "\n")
 
 
-def flops_per_token(model_dir, lengths, patches):
-    """Useful training FLOPs per token for sequences of these lengths holding this many vision patches (module doc)."""
+def flops_per_token(model_dir, lengths, patches, labelled=None):
+    """Useful training FLOPs per token for sequences of these lengths holding this many vision patches, of whose
+    tokens `labelled` (default: all) have a label (module doc)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     text = config.text_config
-    # the language model's parameters: the input embeddings are a lookup, not a matmul, but the output head (tied or
-    # not) is one of the same size, so it takes their place in the count
-    lm = sum(p.numel() for p in model.model.language_model.parameters())
+    # the input embeddings are a lookup, not a matmul, but the output head (tied or not) is one of the same size: it
+    # takes their place in the count, over the labelled tokens only (the others' logits serve no loss)
+    head = model.model.language_model.embed_tokens.weight.numel()
+    body = sum(p.numel() for p in model.model.language_model.parameters()) - head
     vision = sum(p.numel() for p in model.model.visual.parameters())
     tokens = sum(lengths)
+    labelled = tokens if labelled is None else labelled
     attention = 6 * text.num_hidden_layers * text.hidden_size * sum(n * n for n in lengths)
-    return (6 * lm * tokens + attention + 6 * vision * patches) / tokens
+    return (6 * body * tokens + 6 * head * labelled + attention + 6 * vision * patches) / tokens
 
 
 def encoded_rows(model_dir, dataset, max_pixels=None):
-    """(input_ids of each record, vision patches of each record), as the training script encodes them."""
+    """(input_ids, vision patches, labelled tokens) of each record, as train_sft.py encodes it (--train_on assistant)."""
     encoder = data.Encoder(model_dir, data.VisionConfig(max_pixels, max_pixels), max_length=1 << 20)
-    rows, patches = [], []
+    rows, patches, labelled = [], [], []
     for sample in data.load_file(dataset, "sft", None, False)[0]:
-        example = encoder.encode(sample, train_on="all")
+        example = encoder.encode(sample)
         rows.append(example["input_ids"].tolist())
         patches.append(len(example["pixel_values"]) if "pixel_values" in example else 0)
-    return rows, patches
+        labelled.append(int((example["labels"] != data.IGNORE).sum()))
+    return rows, patches, labelled
 
 
 def prompt_overhead(tokenizer):
@@ -336,6 +340,40 @@ def run_trl_sft(model_dir, rows, steps, warmup, lora):
     return {"tokens_per_s": len(rows[0]) / seconds, "peak_gib": peak}
 
 
+def run_trl_sft_images(model_dir, image_file, batch_size, length, image_size, steps, warmup, lora):
+    """TRL's SFTTrainer on the image examples: TRL packs no vision data, so a step is a batch of batch_size examples,
+    as many as one packed row of ours holds (all of one length: no padding). Its collator runs the model's processor
+    (resizing to image_size x image_size, as ours does) in the DataLoader workers; loss on every token, TRL's default."""
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    processor = AutoProcessor.from_pretrained(model_dir, min_pixels=image_size**2, max_pixels=image_size**2)
+    with open(image_file) as f:
+        records = [json.loads(line) for line in f]
+    examples = [{"messages": [{"role": "user", "content": r["messages"][0]["content"].removeprefix("<image>")},
+                              r["messages"][1]],
+                 "images": [Image.open(r["images"][0]).convert("RGB")]} for r in records]
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=DTYPE, attn_implementation="sdpa")
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch_size,
+                     learning_rate=1e-5, lr_scheduler_type="constant", bf16=CUDA, gradient_checkpointing=True,
+                     logging_steps=1, save_strategy="no", report_to="none", max_length=None, packing=False,
+                     optim=OPTIM, dataloader_num_workers=2)
+    timer = StepTimer()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=processor,
+                         peft_config=peft_config(lora, 0.05), callbacks=[timer])
+    batch = next(iter(trainer.get_train_dataloader()))
+    # the same tokens a step as ours: batch_size examples of our length, none of it padding
+    assert batch["input_ids"].shape == (batch_size, length) and batch["attention_mask"].all(), batch["input_ids"].shape
+    reset_peak()
+    trainer.train()
+    seconds, peak = mean(timer.times[warmup:]), peak_gib()
+    del trainer, model
+    release()
+    return {"tokens_per_s": batch_size * length / seconds, "peak_gib": peak}
+
+
 def run_trl_dpo(model_dir, pairs, steps, warmup, lora, pairs_per_step, tokens_per_pair, beta, learning_rate):
     """TRL's DPOTrainer on the same pairs, given as conversations that TRL tokenises with the same chat template (the
     same tokens; bench_dpo checks). Its batch: the pairs' chosen and rejected sequences as 2 x pairs_per_step rows of
@@ -441,11 +479,6 @@ def bench_sft(args, work):
 
     model_dir = model_for(args, work)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows_needed = args.steps + 2
-    text_file = os.path.join(work, f"text-{args.seq_len}.jsonl")
-    write_text_records(text_file, tokenizer, rows_needed, args.seq_len)
-    rows, _ = encoded_rows(model_dir, text_file)
-    assert all(len(r) == args.seq_len for r in rows), "synthetic rows must have exactly seq_len tokens"
     lora_flags = ["--train_type", "lora", "--learning_rate", "1e-4"] if args.train_type == "lora" else ["--learning_rate", "1e-5"]
     flags = lora_flags + ["--packing", "true", "--max_length", str(args.seq_len), "--per_device_train_batch_size", "1",
                           "--gradient_checkpointing", str(args.gradient_checkpointing).lower(), "--num_workers", "2",
@@ -457,27 +490,40 @@ def bench_sft(args, work):
         return {"tokens_per_s": tokens_per_s, "peak_gib": logged_peak(steps), "flops_per_token": flops}
 
     results = []  # (workload, framework, measurements)
-    text_flops = flops_per_token(model_dir, [args.seq_len], 0)
-    name = f"SFT {args.train_type}, {args.shape}, 1 x {args.seq_len} text tokens"
-    results.append((name, "this repo (train_sft.py)", ours(text_file, os.path.join(work, "out"), [], text_flops)))
-    if args.fast:
-        results.append((name, f"this repo, {args.fast}", ours(text_file, os.path.join(work, "out-fast"), args.fast.split(), text_flops)))
+    lora = args.train_type == "lora"
+    if args.text:
+        text_file = os.path.join(work, f"text-{args.seq_len}.jsonl")
+        write_text_records(text_file, tokenizer, args.steps + 2, args.seq_len)
+        rows, _, _ = encoded_rows(model_dir, text_file)
+        assert all(len(r) == args.seq_len for r in rows), "synthetic rows must have exactly seq_len tokens"
+        text_flops = flops_per_token(model_dir, [args.seq_len], 0)
+        name = f"SFT {args.train_type}, {args.shape}, 1 x {args.seq_len} text tokens"
+        results.append((name, "this repo (train_sft.py)", ours(text_file, os.path.join(work, "out"), [], text_flops)))
+        if args.fast:
+            results.append((name, f"this repo, {args.fast}",
+                            ours(text_file, os.path.join(work, "out-fast"), args.fast.split(), text_flops)))
+        against(results, name, args.against,
+                {"hf": lambda: {**run_hf_loop(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops},
+                 "trl": lambda: {**run_trl_sft(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops}},
+                {"hf": "plain transformers loop", "trl": "TRL SFTTrainer"})
     if args.images:
         image_file = os.path.join(work, "images.jsonl")
         write_image_records(image_file, tokenizer, args.images, args.reply_tokens, args.image_size)
-        image_rows, patches = encoded_rows(model_dir, image_file, args.image_size**2)
-        flops = flops_per_token(model_dir, [len(r) for r in image_rows], sum(patches))
+        image_rows, patches, labelled = encoded_rows(model_dir, image_file, args.image_size**2)
+        length = len(image_rows[0])
+        assert all(len(r) == length for r in image_rows), "synthetic image examples must all have the same length"
+        flops = flops_per_token(model_dir, [length] * len(image_rows), sum(patches), sum(labelled))
         image_flags = ["--max_pixels", str(args.image_size**2), "--min_pixels", str(args.image_size**2)]
-        image_name = f"SFT {args.train_type}, {args.shape}, packed {args.seq_len}-token rows of {len(image_rows[0])}-token image examples"
+        image_name = f"SFT {args.train_type}, {args.shape}, packed {args.seq_len}-token rows of {length}-token image examples"
         results.append((image_name, "this repo (train_sft.py)", ours(image_file, os.path.join(work, "out-images"), image_flags, flops)))
         if args.fast:
             results.append((image_name, f"this repo, {args.fast}",
                             ours(image_file, os.path.join(work, "out-images-fast"), image_flags + args.fast.split(), flops)))
-    lora = args.train_type == "lora"
-    against(results, name, args.against,
-            {"hf": lambda: {**run_hf_loop(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops},
-             "trl": lambda: {**run_trl_sft(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops}},
-            {"hf": "plain transformers loop", "trl": "TRL SFTTrainer"})
+        per_row = args.seq_len // length  # the examples one packed row of ours holds
+        against(results, image_name, [f for f in args.against if f == "trl"],  # (the plain loop: text rows only)
+                {"trl": lambda: {**run_trl_sft_images(model_dir, image_file, per_row, length, args.image_size, args.steps,
+                                                      args.warmup, lora), "flops_per_token": flops}},
+                {"trl": f"TRL SFTTrainer (batches of {per_row} examples: it packs no images)"})
     return results
 
 
@@ -510,7 +556,8 @@ def bench_dpo(args, work):
              "--eval_generate", "0", "--num_workers", "2"] + args.flags
     tokens_per_pair = 2 * length
     # the policy's forward and backward (the SFT count) plus the reference's forward (a third of it): module doc
-    flops = 4 / 3 * flops_per_token(model_dir, [length] * 2 * args.pairs_per_step, 0)
+    flops = 4 / 3 * flops_per_token(model_dir, [length] * 2 * args.pairs_per_step, 0,
+                                    2 * args.pairs_per_step * args.reply_tokens)  # the replies are labelled
     name = (f"DPO {args.train_type}, {args.shape}, {args.pairs_per_step} pairs x 2 x ({args.prompt_tokens} prompt + "
             f"{args.reply_tokens} reply) tokens")
     steps = run_script("train_dpo.py", model_dir, pair_file, os.path.join(work, "out-dpo"), args.steps, args.warmup, flags)
@@ -621,6 +668,7 @@ def main(argv=None):
 
     s = workload("sft", "SFT tokens/s, MFU and peak memory, against other frameworks", "full", 8, 3, ["hf", "trl"])
     s.add_argument("--seq_len", type=int, default=8192)
+    s.add_argument("--text", type=lambda v: v.lower() == "true", default=True, help="time rows of text tokens")
     s.add_argument("--images", type=int, default=0, help="also time packed rows of this many image examples")
     s.add_argument("--image_size", type=int, default=448)
     s.add_argument("--reply_tokens", type=int, default=200)

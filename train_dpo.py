@@ -92,7 +92,7 @@ class Config:
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
     gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
-    compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
+    compile: bool = False  # torch.compile each decoder layer and vision block: fuses norms, rotary, activations (GPU)
     # the policy's trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4%
     # of a weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
     master_dtype: str = "float32"  # float32 | bfloat16
@@ -714,10 +714,8 @@ def main(argv=None):
     if distributed:
         model = shard_model(model, cfg, device)
     if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (a reference copy only scores: eager)
-        # (not the vision blocks: compiled, they failed activation checkpointing on an H100 with torch 2.11, fixed since
-        # in shard_model but not yet measured)
-        for layer in model.model.language_model.layers:
-            layer.compile(dynamic=True)  # rows of any length without a recompile
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
+            layer.compile(dynamic=True)  # rows and images of any size without a recompile
     # the reference: stored log-probabilities, the policy with adapters off (LoRA), or a frozen copy (full)
     ref_model = ref_table = val_ref_table = None
     if cfg.precompute_ref_logps:

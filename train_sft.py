@@ -78,7 +78,7 @@ class Config:
     max_steps: int = -1  # overrides num_train_epochs when > 0
     gradient_checkpointing: bool = False
     gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
-    compile: bool = False  # torch.compile each decoder layer: fuses its norms, rotary and activations (GPU)
+    compile: bool = False  # torch.compile each decoder layer and vision block: fuses norms, rotary, activations (GPU)
     # the trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4% of a
     # weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
     master_dtype: str = "float32"  # float32 | bfloat16
@@ -524,10 +524,8 @@ def main(argv=None):
     if distributed:
         model = shard_model(model, cfg, device)
     if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer
-        # (not the vision blocks: compiled, they failed activation checkpointing on an H100 with torch 2.11, fixed since
-        # in shard_model but not yet measured)
-        for layer in model.model.language_model.layers:
-            layer.compile(dynamic=True)  # rows of any length without a recompile
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
+            layer.compile(dynamic=True)  # rows and images of any size without a recompile
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=True)  # fused: also the only AdamW that can skip a step on the GPU (found_inf)

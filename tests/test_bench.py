@@ -11,14 +11,22 @@ SMALL = ["--shape", "tiny-qwen2.5-vl", "--steps", "3", "--warmup", "1"]
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
-def table(capsys, argv, work):
-    """Run `bench.py argv` -> {framework: {column: cell}} of its markdown table (one workload)."""
+def tables(capsys, argv, work):
+    """Run `bench.py argv` -> {workload: {framework: {column: cell}}} of its markdown table."""
     bench.main(argv + ["--work", str(work), "--flags", "--num_workers", "0"])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
-    assert len({row["workload"] for row in rows}) == 1
-    return {row["framework"]: row for row in rows}
+    out = {}
+    for line in lines[2:]:
+        row = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+        out.setdefault(row["workload"], {})[row["framework"]] = row
+    return out
+
+
+def table(capsys, argv, work):
+    """Run `bench.py argv` -> {framework: {column: cell}} of its one workload."""
+    (rows,) = tables(capsys, argv, work).values()
+    return rows
 
 
 def number(cell):
@@ -42,6 +50,38 @@ def test_sft(capsys, tmp_path):
                  tmp_path)
     check(rows, ["tokens/s per GPU"], "this repo (train_sft.py)",
           ["this repo, --master_dtype bfloat16", "plain transformers loop", "TRL SFTTrainer"])
+
+
+def test_sft_image_rows(capsys, tmp_path):
+    """--images: packed rows of image examples, ours and TRL's batches of as many examples; MFU counts the vision
+    tower's patches, so it is what sets the image rows' FLOPs apart (checked through flops_per_token)."""
+    out = tables(capsys, ["sft"] + SMALL + ["--seq_len", "256", "--images", "8", "--image_size", "56", "--reply_tokens", "20",
+                                            "--against", "trl"], tmp_path)
+    text, images = out
+    assert text == "SFT full, tiny-qwen2.5-vl, 1 x 256 text tokens"
+    assert images == "SFT full, tiny-qwen2.5-vl, packed 256-token rows of 76-token image examples"  # template, 16 + 20 words, 4 image tokens
+    check(out[images], ["tokens/s per GPU"], "this repo (train_sft.py)",
+          ["TRL SFTTrainer (batches of 3 examples: it packs no images)"])
+    assert list(tables(capsys, ["sft"] + SMALL + ["--seq_len", "256", "--images", "8", "--image_size", "56", "--reply_tokens",
+                                                  "20", "--against", "--text", "false"], tmp_path)) == [images]
+
+
+def test_flops_count_vision_patches_and_labelled_tokens_of_the_head():
+    """flops_per_token against its written formula on the tiny model's own parameter counts."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model_dir = bench.data.resolve_model("tiny-qwen2.5-vl")
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_config(config)
+    head = model.model.language_model.embed_tokens.weight.numel()
+    body = sum(p.numel() for p in model.model.language_model.parameters()) - head
+    vision = sum(p.numel() for p in model.model.visual.parameters())
+    text = config.text_config
+    lengths, patches, labelled = [100, 50], 64, 30
+    expected = (6 * body * 150 + 6 * head * labelled + 6 * text.num_hidden_layers * text.hidden_size * (100**2 + 50**2)
+                + 6 * vision * patches) / 150
+    assert bench.flops_per_token(model_dir, lengths, patches, labelled) == pytest.approx(expected)
+    assert bench.flops_per_token(model_dir, lengths, 0) == pytest.approx(expected + (6 * head * 120 - 6 * vision * patches) / 150)
 
 
 def test_dpo(capsys, tmp_path):

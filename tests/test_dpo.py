@@ -179,7 +179,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     cfg = train_dpo.parse_config(run_args(tmp_path, "--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"))
     model, _, _ = train_dpo.load_model(cfg, torch.device("cpu"), False)
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
-    for layer in model.model.language_model.layers:  # as main() does
+    for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)
     graphs = counters["stats"]["unique_graphs"]
     pair = data.load_dataset([data.demo_path("dpo", "val") + "#1"], "dpo", seed=0)[0]

@@ -227,7 +227,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     cpu = torch.device("cpu")
     model = train_grpo.load_model(cfg, cpu, False)[0]
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
-    for layer in model.model.language_model.layers:  # as main() does
+    for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)
     graphs = counters["stats"]["unique_graphs"]
     samples = data.load_dataset([data.demo_path("rl", "val") + "#1"], "rl", seed=0)

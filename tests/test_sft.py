@@ -127,7 +127,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     cfg = train_sft.parse_config(FAST + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
     model, _, _ = train_sft.load_model(cfg, torch.device("cpu"), False)
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
-    for layer in model.model.language_model.layers:  # as main() does
+    for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)
     graphs = counters["stats"]["unique_graphs"]
     prompt = data.load_dataset([data.demo_path("sft", "val") + "#1"], "sft", seed=0)[0]
