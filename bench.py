@@ -5,6 +5,7 @@ downloaded), next to what users would otherwise run, printed as one markdown tab
     python bench.py build --shape qwen2.5-vl-3b --out /tmp/qwen2.5-vl-3b     # a random-weight checkpoint of a real shape
     python bench.py sft --shape qwen2.5-vl-3b --seq_len 8192 --against hf trl  # SFT tokens/s, MFU, peak memory
     python bench.py sft --shape qwen2.5-vl-7b --seq_len 16384 --train_type lora --against trl
+    python bench.py sft --shape qwen2.5-vl-3b --images 240 --text false --against trl   # packed rows of image examples
     python bench.py dpo --shape qwen2.5-vl-3b --train_type lora              # DPO pairs/s against TRL's DPOTrainer
     python bench.py grpo --shape qwen2.5-vl-3b                               # GRPO step time and its split, against TRL
     python bench.py grpo --shape tiny-qwen2.5-vl --steps 3 --warmup 1 --max_completion_length 16   # CPU smoke test
@@ -12,8 +13,9 @@ downloaded), next to what users would otherwise run, printed as one markdown tab
 Every workload runs the repo's own script end to end (train_sft.py, train_dpo.py, train_grpo.py as a subprocess,
 data loading included) on synthetic records written here whose token counts are known exactly, and reads its speed
 and peak memory from its metrics.jsonl, skipping warm-up steps. The same tokens go through the other frameworks in
-this process: a plain transformers loop (`hf`, SFT only: DPO and GRPO have no plain loop worth the name) and TRL's
-trainers (`trl`), with the same model, batch, LoRA (rank 8, alpha 32, every linear layer of the language model),
+this process: a plain transformers loop (`hf`, SFT on text rows only: DPO and GRPO have no plain loop worth the name)
+and TRL's trainers (`trl`; on image examples TRL, which packs no vision data, trains batches of as many examples as one
+packed row of ours holds), with the same model, batch, LoRA (rank 8, alpha 32, every linear layer of the language model),
 bf16 compute with fp32 LoRA weights, non-reentrant activation checkpointing and learning rate. (Full fine-tuning
 differs in one way: our scripts keep fp32 master weights by default, TRL trains the bf16-loaded weights as they
 are; --master_dtype bfloat16 in --flags or --fast gives ours TRL's precision.)
@@ -34,9 +36,9 @@ completion length each run sampled: compare step times only where they agree. "v
 step time over the other's (above 1: faster than this repo).
 
 MFU = achieved FLOP/s / peak bf16 dense FLOP/s (989e12 for H100/H200 SXM); GPU runs only.
-SFT FLOPs per step = 6 x (language-model parameters, the output head included, input embeddings not) x tokens
-+ 6 x layers x hidden x sum(len^2) (causal attention, forward and backward, per packed sequence) + 6 x vision
-parameters x patches (vision attention left out).
+SFT FLOPs per step = 6 x (language-model parameters, input embeddings and output head not) x tokens + 6 x (output
+head parameters) x labelled tokens (the other tokens' logits serve no loss) + 6 x layers x hidden x sum(len^2) (causal
+attention, forward and backward, per packed sequence) + 6 x vision parameters x patches (vision attention left out).
 DPO FLOPs per step = 4/3 x the SFT count of the step's chosen and rejected sequences: the policy's forward and
 backward over them (the SFT count) plus the reference's forward over them (a third of it).
 Activation recomputation is not counted as useful work; LoRA runs are counted as full fine-tuning would be (the
