@@ -671,7 +671,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
 # completion positions only and the fp32 log-softmax taken in chunks (recomputed in backward).
 
 def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS
+    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS + data.WINDOW_KEYS
     return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
             for k in keys if batch.get(k) is not None}
 
@@ -711,7 +711,9 @@ def completion_example(prompt, completion_ids, encoder):
 
 def completion_logps(model, examples, lengths, device, temperature):
     """One packed forward of prompt + completion examples -> (logps, entropy, mask), each [B, longest completion]."""
-    flat_logps, flat_entropy = token_logps(model, data.collate(examples, packing=True), device, temperature)
+    batch = data.collate(examples, packing=True)
+    batch |= data.vision_windows(batch, model.config)  # Qwen2.5-VL's window order from the CPU's grids (data.py)
+    flat_logps, flat_entropy = token_logps(model, batch, device, temperature)
     lengths = torch.tensor(lengths, device=device)
     mask = torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None]
     zeros = flat_logps.new_zeros(mask.shape)

@@ -418,6 +418,28 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("script", [train_grpo, train_chord], ids=["grpo", "chord"])
+def test_logprob_passes_give_the_vision_tower_its_window_order(script, monkeypatch):
+    """The log-prob passes build Qwen2.5-VL's window order on the CPU (data.vision_windows) and hand it to the vision
+    tower, which would otherwise build it from GPU tensors in every forward; the log-probabilities do not change."""
+    cfg = script.parse_config([])
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    assert encoder.model_type == "qwen2_5_vl"
+    model = script.load_model(cfg, CPU, False)[0]
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    examples = [script.completion_example(encoder(s, **script.PROMPT), [11, 12, 13], encoder) for s in samples]
+    seen = []
+    tower = model.model.visual.forward
+    monkeypatch.setattr(model.model.visual, "forward", lambda *a, **k: seen.append(set(k)) or tower(*a, **k))
+    with torch.no_grad():
+        given = script.completion_logps(model, examples, [3, 3], CPU, 1.0)[0]
+        assert seen and set(data.WINDOW_KEYS) <= seen[-1]
+        monkeypatch.setattr(data, "vision_windows", lambda batch, config: {})
+        own = script.completion_logps(model, examples, [3, 3], CPU, 1.0)[0]
+    assert not set(data.WINDOW_KEYS) & seen[-1]
+    assert torch.equal(given, own)
+
+
 # ----------------------------------------------------------------------------- DAPO's overlong filter
 
 

@@ -119,12 +119,15 @@ def test_two_processes_match_one(tmp_path):
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
 
 
-def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
-    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well, the
-    losses are those of a plain run (a packed row with several examples, so the compiled layers see the boundaries)."""
+@pytest.mark.parametrize("model_name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path, model_name):
+    """--gradient_checkpointing_layers N recomputes exactly the first N decoder layers; with --compile as well (decoder
+    layers and vision blocks), the losses are those of a plain run (packed rows of several image examples, so the
+    compiled layers and blocks see the boundaries)."""
     from torch._dynamo.utils import counters
 
-    cfg = train_sft.parse_config(FAST + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
+    cfg = train_sft.parse_config(FAST + ["--model", model_name, "--gradient_checkpointing", "true",
+                                         "--gradient_checkpointing_layers", "1"])
     model, _, _ = train_sft.load_model(cfg, torch.device("cpu"), False)
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
@@ -135,7 +138,8 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     train_sft.generate(model, data.Encoder(data.resolve_model(cfg.model)), [prompt], torch.device("cpu"), 4, False)
     assert counters["stats"]["unique_graphs"] == graphs  # generation keeps the compiled layers eager
     train, val = small_demo_file(tmp_path, 16), small_demo_file(tmp_path, 4, "val")
-    common = FAST + ["--dataset", train, "--val_dataset", val, "--max_steps", "2", "--save_steps", "0", "--packing", "true"]
+    common = FAST + ["--model", model_name, "--dataset", train, "--val_dataset", val, "--max_steps", "2", "--save_steps", "0",
+                     "--packing", "true"]
     train_sft.main(common + ["--output_dir", str(tmp_path / "plain")])
     train_sft.main(common + ["--output_dir", str(tmp_path / "fast"), "--gradient_checkpointing", "true",
                              "--gradient_checkpointing_layers", "1", "--compile", "true"])
