@@ -53,13 +53,14 @@ def test_sft(capsys, tmp_path):
 
 
 def test_sft_image_rows(capsys, tmp_path):
-    """--images: packed rows of image examples, ours and TRL's batches of as many examples; MFU counts the vision
-    tower's patches, so it is what sets the image rows' FLOPs apart (checked through flops_per_token)."""
+    """--images: a workload of its own, packed rows of image examples of one length (the chat template, 16 + 20
+    words, 4 image tokens: 76) for ours, batches of as many examples as one of our rows holds (3 in 256) for TRL;
+    --text false leaves the text rows out."""
     out = tables(capsys, ["sft"] + SMALL + ["--seq_len", "256", "--images", "8", "--image_size", "56", "--reply_tokens", "20",
                                             "--against", "trl"], tmp_path)
     text, images = out
     assert text == "SFT full, tiny-qwen2.5-vl, 1 x 256 text tokens"
-    assert images == "SFT full, tiny-qwen2.5-vl, packed 256-token rows of 76-token image examples"  # template, 16 + 20 words, 4 image tokens
+    assert images == "SFT full, tiny-qwen2.5-vl, packed 256-token rows of 76-token image examples"
     check(out[images], ["tokens/s per GPU"], "this repo (train_sft.py)",
           ["TRL SFTTrainer (batches of 3 examples: it packs no images)"])
     assert list(tables(capsys, ["sft"] + SMALL + ["--seq_len", "256", "--images", "8", "--image_size", "56", "--reply_tokens",
