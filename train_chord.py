@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -348,8 +348,7 @@ def shard_model(model, cfg, device, reference=False):
     # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
     # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
     # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
-    vision = {**kwargs, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
-                                                          cast_forward_inputs=False)}
+    vision = {**kwargs, "mp_policy": replace(kwargs["mp_policy"], cast_forward_inputs=False)}
     for block in model.model.visual.blocks:
         fully_shard(block, **vision)
     fully_shard(model, **kwargs)
