@@ -10,7 +10,7 @@ Command line:
     python data.py demo --out demo_data            # write the demo task (SFT, CPT, DPO, RL files) and exit
 """
 import argparse
-import functools
+import inspect
 import io
 import json
 import math
@@ -708,13 +708,15 @@ def vision_windows(batch, config):
 VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks then hand over their cu_seqlens
 
 
-@torch.compiler.disable  # with --compile: the boundaries change every batch, and would recompile the layer each time
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
     training batch (packed_cu_seqlens, causal). Generation's new token attends with its query heads grouped per
     key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
-    On CPU the same boundaries go through SDPA one sequence at a time, for tests."""
+    On CPU the same boundaries go through SDPA one sequence at a time, for tests.
+    With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
+    are tensors and dynamic ints, so a new batch does not recompile): a graph break here would hand the attention's
+    inputs and gradients across graphs in the layouts the graphs fix, not the kernel's, and cost a copy of each."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, new_tokens, head_dim = query.shape
@@ -735,29 +737,30 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     if k.shape[1] != q.shape[1]:  # grouped-query attention: as many key/value heads as query heads
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    if q.is_cuda:
-        varlen_attn, options = _varlen_kernel()
-        extra = {"is_causal": causal} if "is_causal" in options else {"window_size": (-1, 0) if causal else (-1, -1)}
-        if "scale" in options:
-            extra["scale"] = scaling
-        cu_seqlens = cu_seqlens.to(q.device, torch.int32)
-        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, int(max_seqlen), int(max_seqlen), **extra)
-    else:
-        bounds = cu_seqlens.tolist()
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scaling
-        ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+    if not q.is_cuda:
+        return _sdpa_per_sequence(q, k, v, cu_seqlens, causal, scaling)[None], None
+    extra = {"is_causal": causal} if "is_causal" in _VARLEN_OPTIONS else {"window_size": (-1, 0) if causal else (-1, -1)}
+    if "scale" in _VARLEN_OPTIONS:
+        extra["scale"] = scaling
+    # max_seqlen stays a Python int (a symbolic one when compiled): int() on it would fix its value in the graph
+    cu_seqlens = cu_seqlens.to(q.device, torch.int32)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
     return out[None], None
 
 
-@functools.cache  # looked up once, not in every layer of every step
-def _varlen_kernel():
-    """torch's varlen_attn and its parameter names: torch 2.10 takes is_causal, later versions window_size."""
-    import inspect
+@torch.compiler.disable  # the boundaries are read on the host
+def _sdpa_per_sequence(q, k, v, cu_seqlens, causal, scaling):
+    bounds = cu_seqlens.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scaling
+    ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
 
+
+try:  # torch's variable-length flash kernel: torch 2.10 takes is_causal, later versions window_size
     from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn, inspect.signature(varlen_attn).parameters
+    _VARLEN_OPTIONS = frozenset(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, _VARLEN_OPTIONS = None, frozenset()
 
 
 def use_varlen_attention(model):

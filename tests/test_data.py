@@ -161,6 +161,44 @@ def test_varlen_attention_decodes_a_grouped_query_token_as_sdpa_does():
     assert (ours - data.varlen_attention(module, query, key, value, None, scaling=0.3)[0]).abs().max() > 1e-2  # the mask counts
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's variable-length kernel runs on CUDA")
+@pytest.mark.parametrize("causal", [True, False], ids=["packed-row", "vision"])
+def test_compiled_varlen_attention_is_one_graph_for_every_batch(causal):
+    """Under torch.compile the GPU path traces whole (fullgraph: no graph break between the layer and its attention)
+    and is compiled once for rows of different lengths, counts and longest sequences; output and gradients equal
+    the eager call's and SDPA's one sequence at a time."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    module = torch.nn.Module()
+    module.is_causal = causal
+
+    def attend(query, key, value, cu_seqlens, max_seqlen):  # token-major [1, T, heads, 64] in, as in the layers
+        bounds = {"packed_cu_seqlens": cu_seqlens, "packed_max_seqlen": max_seqlen} if causal else \
+            {"cu_seq_lens_q": cu_seqlens, "max_length_q": max_seqlen}
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))
+        return data.varlen_attention(module, query, key, value, None, scaling=0.3, **bounds)[0]
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attend, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # 8 query heads and 2 key/value heads: no row below has 8 or 2 boundaries, which torch would take for one size
+    for lengths in ([5, 9, 2], [7, 3, 1, 6, 12], [11, 4, 3, 3]):
+        cu_seqlens = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device="cuda")
+        qkv = [torch.randn(1, sum(lengths), heads, 64, generator=g, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for heads in (8, 2, 2)]  # grouped-query keys and values
+        out = compiled(*qkv, cu_seqlens, max(lengths))
+        grads = torch.autograd.grad(out.float().square().sum(), qkv)
+        eager = attend(*qkv, cu_seqlens, max(lengths))
+        eager_grads = torch.autograd.grad(eager.float().square().sum(), qkv)
+        q, k, v = (x[0].repeat_interleave(8 // x.shape[2], dim=1) for x in qkv)
+        reference = data._sdpa_per_sequence(q, k, v, cu_seqlens, causal, 0.3)
+        assert out.shape == (1, sum(lengths), 8, 64)
+        assert (out[0] - reference).abs().max() < 2e-2
+        assert torch.equal(out, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+    assert counter.frame_count == 1
+
+
 def test_positions_equal_the_models_own(tiny_model_path, mixed_examples, encoders):
     """Our position_ids give the logits the model gives when it computes the multimodal rope positions itself."""
     model, encoder = load_model(tiny_model_path, "sdpa"), encoders[tiny_model_path]
