@@ -206,6 +206,17 @@ def all_reduce(x, distributed, op="sum"):
     return x
 
 
+def clip_grad_norm(model, max_norm, device, distributed):
+    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
+    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).to(device)
+    if distributed:  # each process holds a shard of every gradient
+        norm = all_reduce(norm.float().square(), distributed).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+    return norm
+
+
 def gather_lists(values, distributed):
     """{name: list} from every process -> {name: the lists joined in rank order}."""
     if not distributed:
@@ -877,8 +888,7 @@ def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device
         if mu > 0:
             (mu * sft_loss * world_size).backward()
         sums[7:9] += torch.stack([sft_loss.detach(), (-logps.detach() * mask).sum() / sft_items])
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
     # the step's one host sync: the summed metrics (a NaN/inf loss on any process makes the sum NaN/inf everywhere),
     # the global gradient norm, and whether any process got SIGTERM
     values = torch.cat([all_reduce(sums, distributed), grad_norm.reshape(1).to(sums)]).tolist()

@@ -152,6 +152,17 @@ def all_reduce_sum(x, distributed):
     return x
 
 
+def clip_grad_norm(model, max_norm, device, distributed):
+    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
+    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).to(device)
+    if distributed:  # each process holds a shard of every gradient
+        norm = all_reduce_sum(norm.float().square(), distributed).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+    return norm
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder, checked before any slow work: writable, with room for the checkpoints, no half-written one left
 
@@ -605,8 +616,7 @@ def main(argv=None):
                 step_sums[0] -= logps.detach().sum()
                 step_sums[1] += n
                 window["tokens"] += batch["input_ids"].numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
             # no host sync in the step: a step whose loss or gradient norm is NaN/inf on any process is skipped on the GPU
             # (fused AdamW leaves weights and moments untouched when found_inf is 1), and the host reads what happened
             # (skipped? SIGTERM?) a step later, once the GPU is past it, or at once before logging, evaluating or saving

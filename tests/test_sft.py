@@ -99,6 +99,28 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, train_type):
         assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
 
 
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "unclipped"])
+def test_clip_grad_norm_equals_torchs(script, max_norm):
+    """Each script's clip_grad_norm (one process; the shards' sum over processes is test_two_processes_match_one's):
+    the norm and the clipped gradients of torch.nn.utils.clip_grad_norm_, fp32 and bf16 gradients mixed, frozen
+    parameters (no gradient) left out."""
+    def model_with_grads():
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 4).bfloat16(), torch.nn.Linear(4, 4)])
+        model[2].requires_grad_(False)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype) if p.requires_grad else None
+        return model
+
+    ours, theirs = model_with_grads(), model_with_grads()
+    norm = script.clip_grad_norm(ours, max_norm, torch.device("cpu"), distributed=False)
+    expected = torch.nn.utils.clip_grad_norm_(list(theirs.parameters()), max_norm)
+    assert 1.0 < float(norm) < 100.0 and torch.equal(norm, expected)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
 def test_two_processes_match_one(tmp_path):
     """FSDP2 over 2 processes (gloo, CPU) computes the same losses as 1 process with the same global batch."""
     dataset = small_demo_file(tmp_path)
