@@ -715,8 +715,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
     On CPU the same boundaries go through SDPA one sequence at a time, for tests.
     With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
-    are tensors and dynamic ints, so a new batch does not recompile): a graph break here would hand the attention's
-    inputs and gradients across graphs in the layouts the graphs fix, not the kernel's, and cost a copy of each."""
+    are tensors and dynamic ints, so a new batch does not recompile); a graph break here split every layer in two
+    graphs and an eager call, and 3B image rows ran at 8.6k tokens/s instead of 11.1k on an H100."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, new_tokens, head_dim = query.shape
