@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.attention.varlen import varlen_attn
 
 IMAGE_TAG, VIDEO_TAG = "<image>", "<video>"
 IGNORE = -100  # label value for tokens that carry no loss
@@ -756,11 +757,8 @@ def _sdpa_per_sequence(q, k, v, cu_seqlens, causal, scaling):
     ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
 
 
-try:  # torch's variable-length flash kernel: torch 2.10 takes is_causal, later versions window_size
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN_OPTIONS = frozenset(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, _VARLEN_OPTIONS = None, frozenset()
+# torch's variable-length flash kernel takes is_causal in torch 2.10, window_size in later versions
+_VARLEN_OPTIONS = frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def use_varlen_attention(model):
