@@ -324,10 +324,17 @@ def load_file(path, stage, media_root=None, skip_bad_records=False, check_media_
     return samples, errors
 
 
-def load_dataset(specs, stage, seed=0, media_root=None, skip_bad_records=False):
-    """`a.jsonl b.json%50 c.jsonl#2000`: a whole file, a percentage or a count of it, sampled with the seed."""
+def is_demo(spec):
+    return isinstance(spec, str) and re.split(r"[%#]", spec)[0] == "demo"
+
+
+def load_dataset(specs, stage, seed=0, media_root=None, skip_bad_records=False, split="train"):
+    """`a.jsonl b.json%50 c.jsonl#2000`: a whole file, a percentage or a count of it, sampled with the seed.
+    `demo`, `demo#N`, `demo%P` name the demo task's file for the stage and split."""
     samples = []
     for spec in specs:
+        if is_demo(spec):
+            spec = demo_path({"pretrain": "cpt"}.get(stage, stage), split) + spec[len("demo"):]
         match = isinstance(spec, str) and re.fullmatch(r"(.+?)(?:([%#])(\d+(?:\.\d+)?))?", spec)
         if not match:  # "" (e.g. `--dataset ""`) matched nothing, and .groups() raised AttributeError
             raise BadRecord(f"empty dataset spec {spec!r}; give a file: data.jsonl, data.jsonl%50 or data.jsonl#1000")
@@ -345,6 +352,17 @@ def load_dataset(specs, stage, seed=0, media_root=None, skip_bad_records=False):
     if not samples:
         raise BadRecord(f"no usable records in {' '.join(specs)}")
     return samples
+
+
+def load_train_val(dataset, val_dataset, split_dataset_ratio, stage, seed, media_root=None, skip_bad_records=False):
+    """--dataset, --val_dataset, --split_dataset_ratio -> (training samples, validation samples). The demo's held-out
+    split (`demo`, every script's default --val_dataset) is used only when training on the demo."""
+    train = load_dataset(dataset, stage, seed, media_root, skip_bad_records)
+    if split_dataset_ratio > 0:
+        return split_dataset(train, split_dataset_ratio, seed)
+    if not val_dataset or all(map(is_demo, val_dataset)) and not all(map(is_demo, dataset)):
+        return train, []
+    return train, load_dataset(val_dataset, stage, seed, media_root, skip_bad_records, split="val")
 
 
 def split_dataset(samples, ratio, seed):
@@ -792,15 +810,19 @@ class EncodedDataset(torch.utils.data.Dataset):
         return batch | vision_windows(batch, self.encoder.config)
 
 
-def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, encode_kwargs=None):
-    """Encode every sample once to learn its token count (and find bad records before training starts).
-    -> (kept sample indices, their lengths, errors). Over-long samples under --truncation_strategy delete are dropped."""
+def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, encode_kwargs=None, rank=0, world_size=1):
+    """Encode every sample once to learn its token count (and find bad records before training starts), each of
+    world_size processes taking every world_size-th sample and all of them gathering the results.
+    -> (kept sample indices, their lengths, this process's errors). Over-long samples under --truncation_strategy
+    delete are dropped."""
+    shard = list(range(rank, len(samples), world_size))
 
     class Lengths(torch.utils.data.Dataset):
         def __len__(self):
-            return len(samples)
+            return len(shard)
 
-        def __getitem__(self, i):
+        def __getitem__(self, k):
+            i = shard[k]
             try:
                 example = encoder.encode(samples[i], **(encode_kwargs or {}))
                 return i, (None if example is None else len(example["input_ids"])), None
@@ -823,6 +845,11 @@ def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, enc
         print(f"dropped {deleted} example(s) longer than --max_length (--truncation_strategy delete)", file=sys.stderr)
     if errors:
         print(f"skipped {len(errors)} bad record(s) (--skip_bad_records); first: {errors[0]}", file=sys.stderr)
+    if world_size > 1:
+        parts = [None] * world_size
+        torch.distributed.all_gather_object(parts, (kept, lengths))
+        pairs = sorted(pair for part_kept, part_lengths in parts for pair in zip(part_kept, part_lengths))
+        kept, lengths = [i for i, _ in pairs], [n for _, n in pairs]
     return kept, lengths, errors
 
 

@@ -139,9 +139,10 @@ def add_lora(model, rank, alpha, dropout=0.0, target_modules=None, use_rslora=Fa
 # Training: what is trainable, optimizer groups, the reference model
 
 
-def set_trainable(model, train_type, freeze_vit=True, freeze_llm=False, freeze_aligner=True):
+def set_trainable(model, train_type, freeze_vit=True, freeze_llm=False, freeze_aligner=True, master_dtype=None):
     """full: every parameter outside the frozen parts; lora: only LoRA weights outside the frozen parts.
-    Returns (trainable, total) parameter counts."""
+    master_dtype (torch.float32): the trainable weights' copy that AdamW updates, in that dtype (bf16 weights lose
+    updates below ~0.4% of a weight); the frozen ones keep theirs. Returns (trainable, total) parameter counts."""
     if train_type not in ("full", "lora"):
         raise ValueError(f"train_type must be 'full' or 'lora', got {train_type!r}")
     frozen = {part for part, flag in (("vit", freeze_vit), ("llm", freeze_llm), ("aligner", freeze_aligner)) if flag}
@@ -149,6 +150,8 @@ def set_trainable(model, train_type, freeze_vit=True, freeze_llm=False, freeze_a
     for name, p in model.named_parameters():
         is_lora = ".lora_A." in name or ".lora_B." in name
         p.requires_grad_(model_part(name) not in frozen and (train_type == "full" or is_lora))
+        if p.requires_grad and master_dtype is not None:
+            p.data = p.data.to(master_dtype)
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total

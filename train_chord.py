@@ -15,73 +15,22 @@ decaying to --chord_mu_valley (CHORD-mu), and L_SFT the token-mean NLL of the ex
 weighted by p (1 - p) (CHORD-phi, --chord_enable_phi_function). Expert data: --chord_sft_dataset in any SFT format;
 not given: the demo's SFT split for the demo prompts, else each RL record's `solution` as its expert reply.
 """
-import contextlib
-import hashlib
-import json
 import math
-import os
-import random
-import shutil
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 import data
-import lora
-import rewards
+import train_grpo as grpo
 
 
 @dataclass
-class Config:
-    # model and data
-    model: str = "tiny-qwen2.5-vl"  # local path, hub id, or tiny-qwen2.5-vl / tiny-qwen3-vl
-    trust_remote_code: bool = False  # let transformers run Python code shipped with the model (only for repos you trust)
+class Config(grpo.Config):
+    """train_grpo.py's options, the demo's defaults for CHORD, and CHORD's own: the expert data and the weight mu."""
     dataset: list[str] = field(default_factory=lambda: ["demo#480"])  # RL prompts; "demo#480": 480 demo prompts
-    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # held-out prompts; "demo": the demo's val split
-    split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
-    media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
-    skip_bad_records: bool = False  # drop bad records (and report their count) instead of stopping at the first
     max_length: int = 2048  # tokens of a prompt or of an expert example; longer ones follow truncation_strategy
-    truncation_strategy: str = "error"  # error | left | delete
-    num_workers: int = 2  # processes that encode every prompt once before training, to find bad records early
-    min_pixels: int | None = None  # image pixel bounds (default: the processor's, or MIN_PIXELS / MAX_PIXELS)
-    max_pixels: int | None = None
-    fps: float = 2.0
-    video_min_frames: int = 4
-    video_max_frames: int = 64
-    video_max_pixels: int = 128 * 28 * 28
-    # rollouts
-    num_generations: int = 8  # completions per prompt (the group whose mean is the baseline)
-    max_completion_length: int = 8  # new tokens per completion; the demo's answer is a word and <|im_end|>
-    temperature: float = 1.0  # sampling temperature; the loss scores the same tempered policy (as TRL does)
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0
-    generation_batch_size: int = 0  # completions per generate call on each process (0: a whole rollout at once)
-    cuda_graph: bool = True  # GPU: each new token's step replays a CUDA graph (the same numbers, far fewer launches)
-    # rewards and advantages
-    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy"])  # names in rewards.REWARDS or a plugin
-    reward_weights: list[float] | None = None  # one per reward function; default 1.0 each
-    reward_plugin: list[str] = field(default_factory=list)  # .py files whose functions become rewards
-    reward_timeout: float = 0.0  # seconds a reward function may take on one batch (0: no limit; see rewards.py)
-    reward_error: str = "raise"  # a reward raises, times out or returns NaN: raise (stop the run) | skip (None, counted)
-    scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by (none: Dr. GRPO)
-    dynamic_sample: bool = False  # DAPO: replace groups whose rewards all agree (no signal) with new prompts
-    max_resample_times: int = 3  # extra rounds of prompts per step for dynamic_sample
-    overlong_filter: bool = False  # DAPO: completions cut at max_completion_length get no loss
-    # loss
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo (see grpo_loss)
-    beta: float = 0.0  # KL to the reference; 0 (DAPO, Dr. GRPO, TRL's default) loads no reference model
-    epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: float | None = None  # default: epsilon; DAPO's clip-higher: 0.28
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    num_iterations: int = 1  # updates per rollout (GRPO's mu); > 1 computes the sampling policy's logps once
-    # CHORD: the expert data and the weight mu of the SFT loss
+    learning_rate: float = 5e-4  # the demo's (from the base model); real models want ~1e-6 (full) or ~1e-5 (LoRA)
+    output_dir: str = "outputs/chord"
     chord_sft_dataset: list[str] = field(default_factory=list)  # SFT-format expert records ("demo": the demo task's);
     # not given: the demo task's SFT split for the demo prompts, else each RL record's `solution` as its expert reply
     chord_sft_per_device_train_batch_size: int = 16  # expert examples next to each GRPO micro-batch on each process
@@ -90,197 +39,26 @@ class Config:
     chord_mu_peak: float = 0.9  # peak 0.9, valley 0.05 over 200 decay steps: ms-swift's CHORD example
     chord_mu_valley: float = 0.05  # a constant mu: peak = valley (0 is pure GRPO, 1 pure SFT)
     chord_enable_phi_function: bool = False  # CHORD-phi: weight each expert token's NLL by p (1 - p)
-    # what is trained
-    train_type: str = "full"  # full | lora
-    lora_rank: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # dropout would make the policy ratio noisy (!= 1 even at the first update)
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # names, or one regex
-    use_rslora: bool = False
-    freeze_vit: bool = False
-    freeze_aligner: bool = False
-    freeze_llm: bool = False
-    # optimisation
-    learning_rate: float = 5e-4  # the demo's (from the base model); real models want ~1e-6 (full) or ~1e-5 (LoRA)
-    lorap_lr_ratio: float | None = None
-    vit_lr: float | None = None
-    aligner_lr: float | None = None
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.99
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    max_bad_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient norm (each one is skipped)
-    lr_scheduler_type: str = "constant"  # cosine | linear | constant
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0  # overrides warmup_ratio when > 0
-    per_device_train_batch_size: int = 32  # completions per micro-batch on each process
-    gradient_accumulation_steps: int = 1  # a step: batch x accumulation / num_generations prompts per process
-    num_train_epochs: float = 1.0
-    max_steps: int = -1  # optimizer steps; overrides num_train_epochs when > 0
-    gradient_checkpointing: bool = False
-    gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
-    compile: bool = False  # torch.compile each decoder layer and vision block: fuses norms, rotary, activations (GPU)
-    # the policy's trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4%
-    # of a weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
-    master_dtype: str = "float32"  # float32 | bfloat16
-    attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
-    seed: int = 42
-    # distributed
-    fsdp_reshard_after_forward: bool = True
-    offload_optimizer: bool = False
-    # evaluation, logging, checkpoints
-    output_dir: str = "outputs/chord"
-    logging_steps: int = 1
-    eval_steps: int = 10
-    eval_limit: int = 100  # held-out prompts, completed greedily: mean reward and accuracy
-    eval_on_start: bool = True  # evaluate before the first step, so the log shows where RL started
-    save_steps: int = 100
-    save_total_limit: int = 2  # keep the best (by eval reward) and the latest
-    log_completions: bool = False  # every completion with its rewards and advantage -> completions.jsonl
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" in output_dir
-    save_on_sigterm: bool = True  # on SIGTERM (preemption, scancel, torchrun stopping) finish the step, save, exit 0
-    report_to: str = "none"  # none | wandb | tensorboard
-    config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
 
 def parse_config(argv=None):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config)
-    argv = sys.argv[1:] if argv is None else argv
-    if "--config" in argv:
-        path = argv[argv.index("--config") + 1]
-        with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                defaults = yaml.safe_load(f)
-            else:
-                defaults = json.load(f)
-        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
-        if unknown:
-            raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
-        parser.set_defaults(**defaults)
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
-    choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
-               "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
-               "reward_error": ("raise", "skip"), "master_dtype": ("float32", "bfloat16")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    if cfg.temperature <= 0:
-        raise SystemExit("--temperature must be > 0: completions are sampled, and the loss scores the policy at that temperature")
-    if cfg.num_generations < 2:
-        raise SystemExit("--num_generations must be at least 2: the advantage compares completions of one prompt")
-    if cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps % cfg.num_generations:
-        raise SystemExit(f"per_device_train_batch_size x gradient_accumulation_steps ({cfg.per_device_train_batch_size} x "
-                         f"{cfg.gradient_accumulation_steps}) must be a multiple of num_generations ({cfg.num_generations})")
-    cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
-    return cfg
+    return grpo.parse_config(argv, Config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python` runs one process with no group.
-
-def setup_distributed():
-    """A GPU run without torchrun is a group of one, so one GPU and N GPUs take the same FSDP2 path and the same
-    numerics (bf16 compute on fp32 master weights: without it, a lone GPU ran the fp32 trainable weights unsharded
-    and the varlen FlashAttention kernel got fp32 inputs); a CPU run without torchrun has no group and no sharding."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    elif device.type == "cuda":
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    distributed = dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    return distributed, rank, world_size, device
-
-
-def all_reduce(x, distributed, op="sum"):
-    if distributed:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return x
-
-
-def clip_grad_norm(model, max_norm, device, distributed):
-    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
-    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads).to(device)
-    if distributed:  # each process holds a shard of every gradient
-        norm = all_reduce(norm.float().square(), distributed).sqrt()
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
-    return norm
-
-
-def gather_lists(values, distributed):
-    """{name: list} from every process -> {name: the lists joined in rank order}."""
-    if not distributed:
-        return values
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
-    return {k: [x for part in parts for x in part[k]] for k in values}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: prompts in a shuffled order per epoch; each rollout takes the next global batch, each process its slice
-
-PROMPT = {"train_on": "none", "add_generation_prompt": True}  # a prompt: no labels, ends with "<|im_start|>assistant\n"
-
-
-def load_data(cfg, encoder, rank, world_size, distributed):
-    def specs(names, split):  # "demo", "demo#N", "demo%P" name the demo task's RL files
-        return [data.demo_path("rl", split) + n[4:] if n.split("#")[0].split("%")[0] == "demo" else n for n in names]
-
-    train = data.load_dataset(specs(cfg.dataset, "train"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    if cfg.split_dataset_ratio > 0:
-        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
-    elif cfg.val_dataset:
-        val = data.load_dataset(specs(cfg.val_dataset, "val"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    else:
-        val = []
-    # every prompt is encoded once up front, each process taking a share: bad records are found now, not at step 900
-    shard = list(range(rank, len(train), world_size))
-    kept, _, _ = data.measure_lengths([train[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT)
-    kept = gather_lists({"kept": [shard[i] for i in kept]}, distributed)["kept"]
-    return train, val, sorted(kept)
-
-
-def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
-    """This process's prompts for one rollout round. The order is shuffled with (seed, epoch); state["cursor"] counts
-    the global batches taken this epoch, so a resumed run continues with exactly the next prompts."""
-    per_epoch = len(kept) // (prompts_per_rank * world_size)
-    if per_epoch == 0:
-        raise SystemExit(f"{len(kept)} prompts for a global batch of {prompts_per_rank * world_size}; use more data")
-    if state["cursor"] >= per_epoch:
-        state["epoch"], state["cursor"] = state["epoch"] + 1, 0
-    order = list(kept)
-    random.Random(cfg.seed * 1000 + state["epoch"]).shuffle(order)
-    start = (state["cursor"] * world_size + rank) * prompts_per_rank
-    state["cursor"] += 1
-    return order[start : start + prompts_per_rank]
-
+# Expert data: SFT examples in a shuffled order per epoch, one micro-batch next to each GRPO micro-batch
 
 EXPERT = {"train_on": "assistant"}  # how an expert example is encoded: labels on its assistant replies
 
 
-def is_demo(name):
-    return name.split("#")[0].split("%")[0] == "demo"
-
-
-def load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed):
+def load_expert_data(cfg, encoder, train, kept, rank, world_size):
     """The expert examples of the SFT part -> (samples, indices of the usable ones, their lengths in tokens).
     --chord_sft_dataset in any SFT format ("demo", "demo#N": the demo task's SFT split); not given: the same for the
     demo prompts, else every RL record with its `solution` as the assistant reply (right only when the solution is a
     whole reply, in the format the rewards expect, not a bare final answer)."""
-    given = cfg.chord_sft_dataset or (["demo"] if all(is_demo(n) for n in cfg.dataset) else [])
+    given = cfg.chord_sft_dataset or (["demo"] if all(map(data.is_demo, cfg.dataset)) else [])
     if given:
-        specs = [data.demo_path("sft", "train") + n[4:] if is_demo(n) else n for n in given]
-        expert = data.load_dataset(specs, "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
+        expert = data.load_dataset(given, "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
     else:
         missing = [train[i].source for i in kept if train[i].extra.get("solution") is None]
         if missing:
@@ -289,12 +67,8 @@ def load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed):
         expert = [data.Sample(train[i].messages + [{"role": "assistant", "content": str(train[i].extra["solution"])}],
                               train[i].images, train[i].videos, source=train[i].source) for i in kept]
     # encoded once up front, each process taking a share, as the prompts are: bad records are found now
-    shard = list(range(rank, len(expert), world_size))
-    usable, lengths, _ = data.measure_lengths([expert[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers,
-                                              EXPERT)
-    measured = gather_lists({"kept": [shard[i] for i in usable], "lengths": lengths}, distributed)
-    pairs = sorted(zip(measured["kept"], measured["lengths"]))
-    return expert, [i for i, _ in pairs], [n for _, n in pairs]
+    usable, lengths, _ = data.measure_lengths(expert, encoder, cfg.skip_bad_records, cfg.num_workers, EXPERT, rank, world_size)
+    return expert, usable, lengths
 
 
 def next_expert_batch(expert_plan, state):
@@ -309,425 +83,7 @@ def next_expert_batch(expert_plan, state):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: the policy; the reference is the policy with its adapters off (LoRA) or a frozen copy (full; none if beta 0)
-
-def load_model(cfg, device, distributed, weights=None, reference=False):
-    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied;
-    or, with reference=True, a frozen copy of cfg.model in eval mode (it only scores)."""
-    from transformers import AutoModelForImageTextToText
-
-    # GPU: frozen weights (and the reference) in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts
-    # to bf16 for compute, see shard_model); CPU: fp32 throughout, unless the policy's master weights are bf16
-    dtype = torch.bfloat16 if device.type == "cuda" or (cfg.master_dtype == "bfloat16" and not reference) else torch.float32
-    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=attn_implementation,
-                                                        trust_remote_code=cfg.trust_remote_code)
-    if cfg.attn_implementation == "varlen":
-        data.use_varlen_attention(model)
-    model.config.use_cache = False
-    if reference:
-        return model.requires_grad_(False).eval().to(device), 0, 0
-    if cfg.train_type == "lora":
-        targets = cfg.target_modules
-        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
-    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
-    for p in model.parameters():
-        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates (RL's are small)
-            p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for i, layer in enumerate(model.model.language_model.layers):
-            layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
-    return model.to(device), trainable, total
-
-
-def shard_model(model, cfg, device, reference=False):
-    """FSDP2: one unit per decoder layer and per vision block, then the root. bf16 compute, fp32 gradient reduction;
-    the optimizer sees sharded fp32 master parameters (trainable ones are fp32 since load_model; frozen ones stay bf16,
-    which halves the memory of a LoRA base). The reference, all frozen, stays bf16 and always reshards."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
-    param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-              "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
-    if cfg.offload_optimizer and not reference:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, **kwargs)
-    # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
-    # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
-    # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
-    vision = {**kwargs, "mp_policy": replace(kwargs["mp_policy"], cast_forward_inputs=False)}
-    for block in model.model.visual.blocks:
-        fully_shard(block, **vision)
-    fully_shard(model, **kwargs)
-    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
-    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
-    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
-    for unit in [model, *model.model.language_model.layers, *model.model.visual.blocks]:
-        unit.unshard()
-        unit.reshard()
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rollout: the interface a generation backend satisfies (prompt samples in; completion token ids and texts out)
-
-def stop_tokens(encoder):
-    """Completions end at Qwen's end-of-turn token; <|endoftext|> also stops a base model."""
-    return [t for t in (encoder.im_end, encoder.tokenizer.convert_tokens_to_ids("<|endoftext|>")) if t is not None]
-
-
-def truncated(completion_ids, encoder):
-    return completion_ids[-1] not in stop_tokens(encoder)
-
-
-class SeededSampler:
-    """Sampling in which each completion depends only on its own seed: logits [rows, vocab] -> scores whose argmax
-    is each row's sample.
-
-    The Gumbel-max trick: with u_v ~ U(0, 1) independent and g_v = -log(-log u_v), argmax_v (z_v / T + g_v) is an
-    exact draw from softmax(z / T). So the sampler divides the logits by the temperature, filters them as
-    transformers' warpers do (top-k, then top-p of what is left), and adds Gumbel noise from each row's own
-    torch.Generator. Row i's t-th token takes the t-th draw of generator i whatever the other rows are, however they
-    are padded and whichever process runs them: a finished row keeps drawing (its token is padding). A vLLM backend
-    gets the same seeds per request. The cost, one draw per row and token, is small next to the forward."""
-
-    def __init__(self, seeds, temperature, top_k, top_p, device):
-        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-
-    def __call__(self, scores):
-        scores = scores / self.temperature
-        if 0 < self.top_k < scores.shape[-1]:  # the k most likely tokens (and any tied with the k-th)
-            scores = scores.masked_fill(scores < scores.topk(self.top_k).values[:, -1:], -math.inf)
-        if self.top_p < 1:  # the fewest most likely tokens whose probability adds up to top_p
-            ascending, order = scores.sort()
-            drop = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
-            drop[:, -1] = False  # the most likely token always stays
-            scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
-        return scores - torch.log(-torch.log(u))
-
-
-def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
-    """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
-    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
-    on the process or the generate call it lands in, so N processes sample what 1 does."""
-    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
-    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
-            for j in range(num_prompts) for k in range(cfg.num_generations)]
-
-
-@contextlib.contextmanager
-def fsdp_hooks_off(model):
-    """FSDP2 runs hooks around each unit's forward: gather its weights, order its streams. Decoding needs none of them
-    (generate keeps every unit gathered) and a CUDA graph cannot record the stream waits; so they are set aside."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    hooks = [(m._forward_pre_hooks, m._forward_hooks) for m in units]
-    for m in units:
-        m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
-    try:
-        yield
-    finally:
-        for m, (pre, post) in zip(units, hooks):
-            m._forward_pre_hooks, m._forward_hooks = pre, post
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None, repetition_penalty=1.0, cuda_graph=True):
-    """Encoded prompts -> one list of new token ids per prompt, up to and including its first stop token (at most
-    max_new_tokens). Greedy, or the argmax of sampler(logits) (SeededSampler); `suppressed` tokens are never chosen.
-
-    transformers' generate() takes ~70 ms a token for 64 rows of a 3B model on an H100 however little the GPU has to do:
-    Python launches each layer's kernels (~30, twice that with LoRA) one by one. Here the prompts go once through the
-    model's own forward (vision included) into a static KV cache. Every later token goes through the language model
-    alone with the same shapes and buffers (token, mask, positions and cache advance in place), so on a GPU that step
-    is recorded once as a CUDA graph and replayed; sampling stays eager (a few dozen small kernels a token). Under
-    FSDP2 the prefill gathers each unit's weights, which stay gathered (rollout's set_reshard_after_forward(False));
-    the steps run without FSDP's hooks."""
-    from transformers import StaticCache
-
-    device = next(model.parameters()).device
-    rows, width = len(prompts), max(len(e["input_ids"]) for e in prompts)
-    input_ids = torch.full((rows, width), pad)
-    attention_mask = torch.zeros((rows, width), dtype=torch.long)
-    position_ids = torch.zeros((4, rows, width), dtype=torch.long)  # the encoder's text + 3 rope rows; 0 on padding
-    for row, e in enumerate(prompts):  # left padding: every prompt's last token sits in the last column
-        n = len(e["input_ids"])
-        input_ids[row, width - n:], attention_mask[row, width - n:] = e["input_ids"], 1
-        position_ids[:, row, width - n:] = e["position_ids"]
-    vision = {k: torch.cat([e[k] for e in prompts if k in e]).to(device)
-              for k in data.VISION_KEYS if any(k in e for e in prompts)}
-    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), position_ids=position_ids.to(device),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1, **vision).logits[:, -1].float()
-
-    # the decode step's buffers: the token in, the positions it may attend to (the prompt's and every new one), and
-    # its rope position, one past the prompt's largest (Qwen-VL's positions run on from the largest image position)
-    token = torch.full((rows, 1), pad, device=device)
-    mask = torch.zeros((rows, 1, 1, width + max_new_tokens), dtype=torch.bool, device=device)
-    mask[:, 0, 0, :width] = attention_mask.bool()
-    cached = cache.layers[0].cumulative_length  # tokens in the cache: a device tensor the cache advances itself
-    position_offset = (position_ids[1:].amax(dim=(0, 2)) + 1 - width).to(device)
-
-    additive = model.config.text_config._attn_implementation == "eager"  # eager attention adds its mask to the scores
-
-    def step():  # token -> the logits that follow it
-        mask.index_fill_(3, cached.view(1), True)
-        position = (position_offset + cached).view(1, rows, 1).expand(3, rows, 1)
-        allowed = torch.where(mask, 0.0, torch.finfo(torch.float32).min) if additive else mask
-        hidden = model.model.language_model(input_ids=token, attention_mask=allowed, position_ids=position,
-                                            past_key_values=cache, use_cache=True).last_hidden_state
-        return model.lm_head(hidden[:, -1]).float()
-
-    seen = None  # the repetition penalty's tokens: the prompt's (not its padding) and every one generated
-    if repetition_penalty != 1:
-        counts = torch.zeros(logits.shape, dtype=torch.long, device=device)
-        seen = counts.scatter_add_(1, input_ids.to(device), attention_mask.to(device)) > 0
-    stop_ids, suppressed = torch.tensor(stop, device=device), torch.tensor(suppressed, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    new_tokens, graph = [], None
-    with fsdp_hooks_off(model):
-        for t in range(max_new_tokens):
-            if seen is not None:  # transformers' repetition penalty: a seen token's logit is pushed toward "unlikely"
-                logits = torch.where(seen, torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty), logits)
-            logits = logits.index_fill(1, suppressed, -math.inf)
-            chosen = (logits if sampler is None else sampler(logits)).argmax(-1).masked_fill(finished, pad)
-            new_tokens.append(chosen)
-            finished |= torch.isin(chosen, stop_ids)
-            # a host sync: every 16 tokens, not every token (a finished row only adds padding)
-            if t + 1 == max_new_tokens or (t % 16 == 15 and bool(finished.all())):
-                break
-            if seen is not None:
-                seen.scatter_(1, chosen[:, None], True)
-            token.copy_(chosen[:, None])
-            if graph is None and device.type == "cuda" and cuda_graph and t > 0:  # t = 0 ran eagerly: a graph's warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # records the kernels, runs nothing
-                    graph_logits = step()
-            if graph is not None:
-                graph.replay()  # overwrites graph_logits
-                logits = graph_logits
-            else:
-                logits = step()
-    completions = torch.stack(new_tokens, 1).tolist()
-    return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in completions]
-
-
-@torch.no_grad()
-def rollout(model, encoder, samples, cfg, device, greedy=False, prompts=None, seeds=None):
-    """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
-    --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
-    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. Batched generate calls
-    (generate) over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
-    repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
-    from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
-    from torch.distributed.fsdp import FSDPModule
-
-    prompts = prompts or [encoder(s, **PROMPT) for s in samples]
-    rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
-    if not greedy and seeds is None:
-        seeds = torch.randint(2**62, (len(rows),)).tolist()
-    tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    # vision placeholders are never sampled: the model would look for an image that is not there
-    suppressed = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-    was_training = model.training
-    model.eval()
-    # FSDP2: each unit gathers its weights once for the whole generation (the policy, unsharded in bf16, for that
-    # time), not again at every new token
-    gather_once = isinstance(model, FSDPModule)
-    if gather_once:
-        model.set_reshard_after_forward(False)
-    completion_ids = []
-    size = cfg.generation_batch_size or len(rows)
-    for start in range(0, len(rows), size):
-        sampler = None if greedy else SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)
-        # --compile serves the log-prob passes, not generation: under a KV cache each decoder layer's graph specialises
-        # on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8 graphs of
-        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU).
-        # The autocast cache stays off: a CUDA graph must not record casts cached outside it
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
-                torch.compiler.set_stance("force_eager"):
-            completion_ids += generate(model, rows[start : start + size], cfg.max_completion_length, stop, pad, suppressed,
-                                       sampler, 1.0 if greedy else cfg.repetition_penalty, cfg.cuda_graph)
-    if gather_once:
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
-        model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
-    model.train(was_training)
-    return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rewards and advantages
-
-def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
-    """Rewards of completions (num_generations per sample, prompt-major). Columns: every record field repeated per
-    completion, plus prompts, images, completion_lengths, max_completion_length. -> (total [N], per-function lists).
-    `errors` counts the completions whose reward failed, per reward (--reward_error skip)."""
-    repeat = lambda values: [v for v in values for _ in range(num_generations)]
-    columns = {k: repeat([s.extra.get(k) for s in samples]) for k in sorted({k for s in samples for k in s.extra})}
-    columns.update(prompts=repeat([s.messages for s in samples]), images=repeat([s.images for s in samples]),
-                   completion_lengths=[len(c) for c in completion_ids], max_completion_length=cfg.max_completion_length)
-    total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns,
-                                                  cfg.reward_timeout, cfg.reward_error, errors)
-    return torch.tensor(total, dtype=torch.float32), per_function
-
-
-def group_advantages(rewards, num_generations, scale_rewards="group"):
-    """GRPO's group-relative advantage with outcome rewards (Shao et al. 2024, DeepSeekMath §4.1.2):
-    A_i = (r_i - mean(group)) / (std(group) + 1e-4), for every token of completion i; the group mean is the baseline,
-    so no value model is needed. rewards: [N], each prompt's completions consecutive. scale_rewards: group (as
-    written), batch (the std of all N rewards: groups that barely differ are not blown up) or none (Dr. GRPO, Liu et al.
-    2025 §3.1: dividing by the group std weights too-easy and too-hard prompts up)."""
-    grouped = rewards.view(-1, num_generations)
-    centred = (grouped - grouped.mean(1, keepdim=True)).flatten()
-    if scale_rewards == "none":
-        return centred
-    if scale_rewards == "group":
-        std = grouped.std(1).repeat_interleave(num_generations)
-    elif scale_rewards == "batch":
-        std = rewards.std()
-    else:
-        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
-    return centred / (std + 1e-4)
-
-
-def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed):
-    """This process's prompts of one step -> completions, rewards, advantages. With --dynamic_sample, groups whose
-    rewards all agree (zero advantage: no signal) are replaced by groups of new prompts, for up to max_resample_times
-    more rounds (DAPO §3.2); when rounds run out, agreeing groups fill the batch with no loss on them.
-    -> (the batch to train on, every completion generated: for the log)."""
-    G = cfg.num_generations
-    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
-    informative, agreeing, generated = [], [], {"reward": [], "completion_length": [], "truncated": [], "zero_std_groups": []}
-    errors = {}  # completions whose reward failed, per reward (--reward_error skip)
-    for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
-        samples = [train[i] for i in next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size)]
-        prompts = [encoder(s, **PROMPT) for s in samples]
-        seeds = sampling_seeds(cfg, state["step"], rounds, rank * prompts_per_rank, len(samples))
-        completion_ids, texts = rollout(model, encoder, samples, cfg, device, prompts=prompts, seeds=seeds)
-        total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
-        generated["reward"] += total.tolist()
-        for name, values in per_function.items():
-            generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
-        generated["completion_length"] += [len(c) for c in completion_ids]
-        generated["truncated"] += [float(truncated(c, encoder)) for c in completion_ids]
-        for j, sample in enumerate(samples):
-            group = slice(j * G, (j + 1) * G)
-            g = {"sample": sample, "prompt": prompts[j], "completion_ids": completion_ids[group], "texts": texts[group],
-                 "rewards": total[group], "per_function": {k: v[group] for k, v in per_function.items()}}
-            spread = bool(g["rewards"].max() > g["rewards"].min())
-            generated["zero_std_groups"].append(float(not spread))
-            (informative if spread or not cfg.dynamic_sample else agreeing).append(g)
-        need_more = torch.tensor(float(len(informative) < prompts_per_rank), device=device)
-        if not cfg.dynamic_sample or not all_reduce(need_more, distributed, "max").item():
-            break  # every process runs the same number of rounds: generate() is a collective under FSDP
-    if cfg.reward_error == "skip":
-        generated.update({f"reward_errors/{name}": [errors.get(name, 0)] for name in cfg.reward_funcs})
-    groups = (informative + agreeing)[:prompts_per_rank]
-    batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
-             "rewards": torch.cat([g["rewards"] for g in groups]), "rounds": rounds}
-    # advantages over the global batch (a group never straddles processes; "batch" scaling needs every reward)
-    everything = torch.tensor(gather_lists({"r": batch["rewards"].tolist()}, distributed)["r"])
-    n = len(batch["rewards"])
-    batch["advantages"] = group_advantages(everything, G, cfg.scale_rewards)[rank * n : (rank + 1) * n]
-    keep = torch.ones(n, dtype=torch.bool)
-    if cfg.dynamic_sample:  # agreeing groups that only fill the batch carry no loss
-        keep &= torch.tensor([bool(g["rewards"].max() > g["rewards"].min()) for g in groups for _ in range(G)])
-    if cfg.overlong_filter:  # a cut completion's reward judges an unfinished answer: no loss on it (DAPO §3.4)
-        keep &= torch.tensor([not truncated(c, encoder) for c in batch["completion_ids"]])
-    batch["keep"] = keep
-    return batch, generated
-
-
-def rollout_metrics(batch, generated, distributed):
-    """Means (and stds of rewards and advantages) over every process's completions, the longest completion, and
-    the number of completions whose reward failed (reward_errors/<name>, --reward_error skip)."""
-    values = gather_lists({**generated, "advantage": batch["advantages"].tolist()}, distributed)
-    out = {}
-    for name, v in values.items():
-        if name.startswith("reward_errors/"):
-            out[name] = float(sum(v))
-        elif v:
-            out[name] = sum(v) / len(v)
-            if name.startswith("reward") or name == "advantage":
-                out[name + "_std"] = torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0
-    out["completion_length_max"] = float(max(values["completion_length"]))
-    out["rollout_rounds"] = batch["rounds"]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsilon_high, loss_type,
-              importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None):
-    """The clipped surrogate loss of GRPO and its variants -> (loss, metrics).
-
-    logps, old_logps, ref_logps, mask: [B, T] per completion token (old: the policy that sampled the completions;
-    ref: the reference, None when beta == 0); advantages: [B], one per completion.
-    Ratio: per token r_t = exp(logp_t - old_t) (PPO; GRPO, Shao et al. 2024 eq. 3), or per sequence (GSPO, Zheng et
-    al. 2025 §4) s = exp(mean_t(logp_t - old_t)), the geometric mean of a completion's token ratios, for every token.
-    Per-token loss: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t (GRPO eq. 3 with DAPO's decoupled
-    clip-higher bound, Yu et al. 2025 §3.1); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
-    2025 §3.1: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
-    ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...)).
-    KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
-    Aggregation (loss_type), with S = the sum of per-token loss * mask:
-      grpo     mean over each completion's tokens, then over the B completions (GRPO eq. 3)
-      bnpo     S / tokens of this batch
-      dr_grpo  S / (B * max_completion_length): a constant, so no bias towards long or short completions (Dr. GRPO)
-      dapo     S / num_items_in_batch: the completion tokens of the whole global batch, every process and accumulation
-               step (counted before the first backward), so a token weighs the same however the batch is split
-               (DAPO §3.3); None: this batch's tokens
-      cispo    as dapo (MiniMax-M1's objective normalises by the batch's tokens)
-    With old_logps = logps.detach() (num_iterations 1) the ratio is 1 and the gradient is REINFORCE with the group mean
-    as the baseline: d loss / d logp_t = -A / normaliser.
-    Metrics: kl (token mean; 0 when beta is 0); clip_low, clip_high, clip_region: the fraction of tokens whose gradient
-    the clip removed (ratio below 1 - epsilon with A < 0, above 1 + epsilon_high with A > 0; cispo: weight capped)."""
-    mask = mask.to(logps.dtype)
-    advantages = advantages[:, None]
-    log_ratio = logps - old_logps
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1))[:, None]
-    elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
-    ratio = torch.exp(log_ratio).expand_as(logps)
-    if loss_type == "cispo":
-        per_token_loss = -torch.clamp(ratio, max=1 + epsilon_high).detach() * advantages * logps
-        clipped_low, clipped_high = torch.zeros_like(ratio, dtype=torch.bool), ratio > 1 + epsilon_high
-    else:
-        per_token_loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages)
-        clipped_low, clipped_high = (ratio < 1 - epsilon) & (advantages < 0), (ratio > 1 + epsilon_high) & (advantages > 0)
-    kl = torch.zeros_like(logps)
-    if beta != 0:
-        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        per_token_loss = per_token_loss + beta * kl
-    summed = (per_token_loss * mask).sum()
-    if loss_type == "grpo":
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = summed / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type dr_grpo needs max_completion_length")
-        loss = summed / (logps.shape[0] * max_completion_length)
-    elif loss_type in ("dapo", "cispo"):
-        loss = summed / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-    else:
-        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo, dapo or cispo, got {loss_type!r}")
-    mean = lambda x: ((x.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
-    return loss, {"kl": mean(kl), "clip_low": mean(clipped_low), "clip_high": mean(clipped_high),
-                  "clip_region": mean(clipped_low | clipped_high)}
-
+# Loss: the weight mu of the SFT part, and the SFT part itself
 
 def chord_mu(step, warmup_steps, decay_steps, peak, valley):
     """CHORD-mu's weight of the SFT loss at optimizer step `step` (0 = before the first update): linear from 0 to
@@ -763,495 +119,72 @@ def chord_sft_loss(logps, mask, enable_phi_function, num_items_in_batch=None):
     return (per_token_loss * mask).sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
 
 
-# Log-probabilities of completion tokens: prompt + completion packed into one row, the vocabulary projected for the
-# completion positions only and the fp32 log-softmax taken in chunks (recomputed in backward).
-
-def model_inputs(batch, device):
-    keys = ("input_ids", "attention_mask", "position_ids") + data.VISION_KEYS + data.PACKED_KEYS + data.WINDOW_KEYS
-    return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-            for k in keys if batch.get(k) is not None}
-
-
-def chunk_logps(logits, targets, temperature):
-    logps = (logits.float() / temperature).log_softmax(-1)  # the policy is what the rollout samples: tempered
-    with torch.no_grad():  # the policy's entropy at each token, for the log: one more pass over a chunk in memory
-        entropy = -(logps.exp() * logps).sum(-1)
-    return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
-
-
-def token_logps(model, batch, device, temperature=1.0, chunk_size=1024):
-    """-> (log-probabilities of the labelled tokens [N], their entropies [N]), in order."""
-    labels = batch["labels"].to(device)
-    keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, keep]
-    mask = targets != data.IGNORE
-    logits, targets = logits[mask], targets[mask]
-    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, use_reentrant=False)
-           for i in range(0, len(targets), chunk_size)]
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-
-
-def completion_example(prompt, completion_ids, encoder):
-    """Prompt + completion -> an Example whose labels are the completion tokens (shifted, as data.py's: labels[t] is
-    the target of position t), with the model's multimodal positions for the whole sequence."""
-    completion = torch.tensor(completion_ids, dtype=prompt["input_ids"].dtype)
-    example = {k: v for k, v in prompt.items() if k in data.VISION_KEYS or k == "second_per_grid_ts"}
-    example["input_ids"] = torch.cat([prompt["input_ids"], completion])
-    example["labels"] = torch.full_like(example["input_ids"], data.IGNORE)
-    n = len(prompt["input_ids"])
-    example["labels"][n - 1 : n - 1 + len(completion)] = completion
-    return encoder.add_positions(example)
-
-
-def completion_logps(model, examples, lengths, device, temperature):
-    """One packed forward of prompt + completion examples -> (logps, entropy, mask), each [B, longest completion]."""
-    batch = data.collate(examples, packing=True)
-    batch |= data.vision_windows(batch, model.config)  # Qwen2.5-VL's window order from the CPU's grids (data.py)
-    flat_logps, flat_entropy = token_logps(model, batch, device, temperature)
-    lengths = torch.tensor(lengths, device=device)
-    mask = torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None]
-    zeros = flat_logps.new_zeros(mask.shape)
-    return zeros.masked_scatter(mask, flat_logps), zeros.masked_scatter(mask, flat_entropy), mask
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Step: a rollout's completions -> micro-batches -> num_iterations optimizer steps, each with expert micro-batches
+# Step
 
-def micro_batches(batch, encoder, cfg, device):
-    """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order."""
-    size, micro = cfg.per_device_train_batch_size, []
-    for start in range(0, len(batch["completion_ids"]), size):
-        ids = batch["completion_ids"][start : start + size]
-        prompts = [batch["groups"][(start + k) // cfg.num_generations]["prompt"] for k in range(len(ids))]
-        micro.append({"examples": [completion_example(p, c, encoder) for p, c in zip(prompts, ids)],
-                      "lengths": [len(c) for c in ids], "advantages": batch["advantages"][start : start + size].to(device),
-                      "keep": batch["keep"][start : start + size].to(device)})
-    return micro
-
-
-@torch.no_grad()
-def fixed_logps(model, reference, micro, cfg, device):
-    """What stays fixed while a rollout is trained on, computed in eval mode: the sampling policy's logps (only for
-    num_iterations > 1: otherwise the policy has not moved, and the loss takes the detached current ones) and the
-    reference's (beta != 0)."""
-    model.eval()
-    for mb in micro:
-        if cfg.num_iterations > 1:
-            mb["old_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
-        if cfg.beta != 0 and reference is not None:
-            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
-        elif cfg.beta != 0:
-            with lora.disable_adapters(model):
-                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
-    model.train()
-
-
-def train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device, world_size, distributed, sigterm=False):
-    """Forward and backward every GRPO micro-batch, each followed by its expert micro-batch (encoded examples), then
-    one optimizer step on the gradient of (1 - mu) * L_GRPO + mu * L_SFT, skipped (no update; the schedule still
-    moves on) when a loss or the gradient norm is NaN/inf on any process. -> (the loss metrics of the global batch,
-    whether the step was skipped, whether any process has been sent SIGTERM)."""
-    dapo_like = cfg.loss_type in ("dapo", "cispo")
-    # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
-    tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
-    num_items = all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)
+def train_step(run, micro, expert_micro, mu, sigterm=False):
+    """GRPO's step (train_grpo.train_step) with each GRPO micro-batch followed by its expert micro-batch (encoded
+    examples): one optimizer step on the gradient of (1 - mu) * L_GRPO + mu * L_SFT, skipped when a loss or the
+    gradient norm is NaN/inf on any process. -> (the loss metrics of the global batch, skipped?, SIGTERM anywhere?)"""
+    model, cfg, device = run.model, run.cfg, run.device
+    num_items = grpo.completion_tokens(micro, device, run.distributed)
     # the SFT part: a token mean over the expert replies of the whole global batch, counted before any backward too
     reply_lengths = [[int((e["labels"] != data.IGNORE).sum()) for e in examples] for examples in expert_micro]
-    sft_items = all_reduce(torch.tensor(float(sum(map(sum, reply_lengths))), device=device), distributed).clamp(min=1)
-    # grpo loss, then token-weighted kl, clip low/high/region, entropy; tokens; sft loss, sft nll; SIGTERM
-    sums = torch.zeros(10, device=device)
-    sums[9] = float(sigterm)
+    sft_items = grpo.all_reduce(torch.tensor(float(sum(map(sum, reply_lengths))), device=device), run.distributed).clamp(min=1)
+    sums = {}
     for i, mb in enumerate(micro):
         last = i == len(micro) - 1
-        if distributed:  # reduce gradients once per step, at its last backward: the SFT one, unless mu is 0
+        if run.distributed:  # reduce gradients once per step, at its last backward: the SFT one, unless mu is 0
             model.set_requires_gradient_sync(last and mu == 0)
-        logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)
-        mask = mask & mb["keep"][:, None]
-        loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
-                            cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
-                            cfg.max_completion_length, num_items if dapo_like else None)
-        if not dapo_like:
-            loss = loss / (len(micro) * world_size)  # the mean over every micro-batch of every process
-        ((1 - mu) * loss * world_size).backward()  # FSDP averages gradients over processes
-        n = mask.sum()
-        sums[:7] += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
-                                 (entropy * mask).sum(), n.float()])
+        loss, metrics = grpo.micro_batch_loss(model, mb, num_items, len(micro), cfg, device, run.world_size)
+        ((1 - mu) * loss * run.world_size).backward()  # FSDP averages gradients over processes
         # the SFT part on this micro-batch's expert examples, scored by the untempered policy (as SFT does); with
         # mu 0 it is only measured, for the log
-        if distributed:
+        if run.distributed:
             model.set_requires_gradient_sync(last)
         with torch.set_grad_enabled(mu > 0):
-            logps, _, mask = completion_logps(model, expert_micro[i], reply_lengths[i], device, 1.0)
+            logps, _, mask = grpo.completion_logps(model, expert_micro[i], reply_lengths[i], device, 1.0)
             sft_loss = chord_sft_loss(logps, mask, cfg.chord_enable_phi_function, sft_items)
         if mu > 0:
-            (mu * sft_loss * world_size).backward()
-        sums[7:9] += torch.stack([sft_loss.detach(), (-logps.detach() * mask).sum() / sft_items])
-    grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
-    # the step's one host sync: the summed metrics (a NaN/inf loss on any process makes the sum NaN/inf everywhere),
-    # the global gradient norm, and whether any process got SIGTERM
-    values = torch.cat([all_reduce(sums, distributed), grad_norm.reshape(1).to(sums)]).tolist()
-    grpo, kl, low, high, region, entropy, n, sft, sft_nll, sigterm, grad_norm = values
-    skipped = not all(math.isfinite(x) for x in (grpo, sft, grad_norm))
-    if not skipped:  # a skipped step leaves the weights and AdamW's moments as they were: finite
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    n = max(n, 1.0)
-    return ({"loss": (1 - mu) * grpo + mu * sft, "mu": mu, "grpo_loss": grpo, "sft_loss": sft, "sft_nll": sft_nll,
-             "kl": kl / n, "clip_low": low / n, "clip_high": high / n, "clip_region": region / n, "entropy": entropy / n,
-             "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}, skipped, sigterm > 0)
-
-
-def completion_rows(batch, step):
-    """completions.jsonl rows: the prompt, the completion, each reward and the advantage."""
-    rows = [{"step": step, "prompt": g["sample"].messages[-1]["content"], "images": g["sample"].images, "completion": text,
-             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()}}
-            for g in batch["groups"] for k, text in enumerate(g["texts"])]
-    for row, advantage in zip(rows, batch["advantages"].tolist()):
-        row["advantage"] = advantage
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Schedule, evaluation, checkpoints
-
-def lr_lambda(cfg, total_steps):
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
-
-    def schedule(step):
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_scheduler_type == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.lr_scheduler_type == "linear":
-            return 1 - progress
-        return 1.0
-
-    return schedule
-
-
-def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
-    """Greedy completions of the first eval_limit held-out prompts -> mean reward, and accuracy (rewards.accuracy
-    against `solution`) over the records that have one."""
-    samples = val[: cfg.eval_limit]
-    mine, size = samples[rank::world_size], cfg.per_device_train_batch_size
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward sum, prompts, correct, prompts with a solution
-    for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), size):
-        chunk = mine[i : i + size] or samples[:1]  # every process runs the same number of generate calls
-        completion_ids, texts = rollout(model, encoder, chunk, cfg, device, greedy=True)
-        if mine[i : i + size]:
-            total, _ = score(chunk, completion_ids, texts, cfg, 1)
-            correct = [c for c in rewards.accuracy(texts, solution=[s.extra.get("solution") for s in chunk]) if c is not None]
-            sums += torch.tensor([total.sum().item(), len(chunk), sum(correct), len(correct)], dtype=torch.float64, device=device)
-    reward, prompts, correct, with_solution = all_reduce(sums, distributed).tolist()
-    return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {})}
-
-
-def check_output_dir(cfg):
-    """Before any slow work: --output_dir must be writable and hold the checkpoints to come; a checkpoint-N.tmp left
-    by a killed save is removed."""
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        probe = os.path.join(cfg.output_dir, f".write_test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise SystemExit(f"--output_dir {cfg.output_dir} is not writable: {e}")
-    for name in sorted(os.listdir(cfg.output_dir)):
-        if name.startswith("checkpoint-") and name.endswith(".tmp"):  # a save killed half-way (resume never reads it)
-            shutil.rmtree(os.path.join(cfg.output_dir, name), ignore_errors=True)
-            print(f"removed {os.path.join(cfg.output_dir, name)}: a checkpoint whose save was interrupted")
-    # checkpoints on disk at once: the ones kept, plus the new one written before the oldest goes (0 keeps all: we
-    # count the first only); with --save_steps 0, only the one SIGTERM would write. Those already there (a resumed
-    # run) take no new space.
-    at_once = (cfg.save_total_limit + 1 if cfg.save_total_limit > 0 else 1) if cfg.save_steps > 0 else int(cfg.save_on_sigterm)
-    at_once -= min(len(checkpoint_dirs(cfg.output_dir)), max(at_once - 1, 0))
-    size = checkpoint_size(cfg)
-    free = shutil.disk_usage(cfg.output_dir).free
-    if at_once * size > free:
-        raise SystemExit(f"--output_dir {cfg.output_dir}: {free / 2**30:.1f} GiB free, about {at_once * size / 2**30:.1f} GiB "
-                         f"needed for {at_once} checkpoint(s) of ~{size / 2**30:.2f} GiB ({cfg.train_type}); free some space, "
-                         f"choose another --output_dir or lower --save_total_limit")
-
-
-def checkpoint_size(cfg):
-    """Rough bytes of one checkpoint, from the parameter count in the model's safetensors headers (no weights read);
-    0 (no check) for a hub id: only a local folder is measured. Full: fp32 weights (trainable weights are kept in
-    fp32) and AdamW's two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d
-    weight 2 x rank x d weights: at most 2 rank / d of the model."""
-    from safetensors import safe_open
-
-    path = data.resolve_model(cfg.model)
-    files = [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")] if os.path.isdir(path) else []
-    params = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    if cfg.train_type == "lora" and params:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-        hidden_size = config.get("text_config", config).get("hidden_size", 1024)  # (a guess where the config has none)
-        params *= min(1.0, 2 * cfg.lora_rank / hidden_size)
-    return 12 * params
-
-
-def checkpoint_dirs(output_dir):
-    """Complete checkpoints only (a half-written one is still named *.tmp), oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[len("checkpoint-"):].isdigit()]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
-
-
-NOT_COPIED = {"config.json", "generation_config.json", "trainer_state.json", "training_state.pt"}  # and weight files
-
-
-def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
-    """checkpoint-STEP/: the model (Hugging Face format) or the adapter (PEFT format), the tokenizer and processor
-    files, and what an exact resume needs: optimizer, scheduler, and step / epoch / cursor of the prompts and of the
-    expert data (sampling is reseeded from the step, so no RNG state). Written to .tmp, then renamed: a crash never
-    leaves one that looks complete."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    final = os.path.join(cfg.output_dir, f"checkpoint-{state['step']}")
-    if rank == 0:
-        nonfinite = [k for k, v in model_state.items() if v.is_floating_point() and not v.isfinite().all()]
-        if nonfinite:  # NaN steps are skipped, so only an overflowing update gets here: never write it as a checkpoint
-            raise SystemExit(f"not saving step {state['step']}: NaN/inf weights in {nonfinite[:3]}; lower --learning_rate")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.train_type == "lora":
-            lora.save_adapter(model, tmp, state_dict=model_state, base_model_name_or_path=cfg.model)
-        else:
-            model.save_pretrained(tmp, state_dict=model_state)
-        base = data.resolve_model(cfg.model)
-        for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if name not in NOT_COPIED and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")) \
-                    and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy(os.path.join(base, name), tmp)
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "training_state.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        os.replace(tmp, final)
-        # keep the latest and the best by eval reward, up to save_total_limit
-        dirs, scores = checkpoint_dirs(cfg.output_dir), {}
-        for d in dirs:
-            with open(os.path.join(d, "trainer_state.json")) as f:
-                reward = json.load(f).get("eval_reward")
-            scores[d] = -reward if reward is not None else float("inf")
-        keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
-        for d in dirs:
-            if d not in keep and cfg.save_total_limit > 0:
-                shutil.rmtree(d, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-    return final
-
-
-def load_checkpoint(path, model, optimizer, scheduler, cfg):
-    """What loading the model did not restore: the adapter (LoRA), optimizer, scheduler. -> trainer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model
-        set_model_state_dict(model, lora.read_adapter_weights(path), options=StateDictOptions(full_state_dict=True, strict=False))
-    saved = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
-    set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(saved["scheduler"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+            (mu * sft_loss * run.world_size).backward()
+        metrics.update(sft_loss=sft_loss.detach(), sft_nll=(-logps.detach() * mask).sum() / sft_items)
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+    grad_norm, skipped, stop = grpo.optimizer_step(model, run.optimizer, run.scheduler,
+                                                   (1 - mu) * sums["loss"] + mu * sums["sft_loss"], cfg, device,
+                                                   run.distributed, sigterm)
+    totals = dict(zip(sums, grpo.all_reduce(torch.stack(list(sums.values())), run.distributed).tolist()))
+    n, grpo_loss, sft_loss, sft_nll = (totals.pop(k) for k in ("tokens", "loss", "sft_loss", "sft_nll"))
+    return {"loss": (1 - mu) * grpo_loss + mu * sft_loss, "mu": mu, "grpo_loss": grpo_loss, "sft_loss": sft_loss,
+            "sft_nll": sft_nll, **{k: v / max(n, 1.0) for k, v in totals.items()}, "grad_norm": grad_norm,
+            "lr": run.scheduler.get_last_lr()[0]}, skipped, stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """train_grpo.py's run and loop; the update is CHORD's step, with the expert data beside the prompts."""
     cfg = parse_config(argv)
-    distributed, rank, world_size, device = setup_distributed()
-    master = rank == 0
-    start_time = time.time()
-    torch.manual_seed(cfg.seed)
-    if master:
-        check_output_dir(cfg)  # seconds, before the slow model load and prompt encoding
-        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-    for path in cfg.reward_plugin:
-        names = rewards.load_reward_plugin(path)
-        if master:
-            print(f"rewards from {path}: {', '.join(names)}")
-
-    resume = cfg.resume_from_checkpoint
-    if resume == "latest":
-        resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
-    model, trainable, total = load_model(cfg, device, distributed, weights=resume if cfg.train_type == "full" else None)
-    # the reference: LoRA turns its adapters off (lora.disable_adapters); full fine-tuning keeps a frozen copy
-    reference = load_model(cfg, device, distributed, reference=True)[0] if cfg.beta != 0 and cfg.train_type == "full" else None
-    if distributed:
-        model = shard_model(model, cfg, device)
-        reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
-    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (the reference only scores: eager)
-        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
-            layer.compile(dynamic=True)  # rows and images of any size without a recompile
-    vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
-                           cfg.trust_remote_code)
-    train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
-    expert, expert_kept, expert_lengths = load_expert_data(cfg, encoder, train, kept, rank, world_size, distributed)
+    run = grpo.setup(cfg, state={"sft_epoch": 0, "sft_cursor": 0})  # the expert data's cursor resumes exactly too
+    expert, expert_kept, expert_lengths = load_expert_data(cfg, run.encoder, run.train, run.kept, run.rank, run.world_size)
     expert_plan = lambda epoch: data.make_plan(expert_kept, expert_lengths, cfg.chord_sft_per_device_train_batch_size,
-                                               False, cfg.max_length, cfg.seed, epoch, rank, world_size)
-    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
-    rollouts_per_epoch = max(len(kept) // (prompts_per_rank * world_size), 1)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * rollouts_per_epoch * cfg.num_iterations)
+                                               False, cfg.max_length, cfg.seed, epoch, run.rank, run.world_size)
+    if run.master:
+        per_step = cfg.chord_sft_per_device_train_batch_size * cfg.gradient_accumulation_steps * run.world_size
+        print(f"{len(expert_kept)} expert examples, {per_step} per step")
 
-    groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=device.type == "cuda" and not cfg.offload_optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    state = {"step": 0, "epoch": 0, "cursor": 0, "sft_epoch": 0, "sft_cursor": 0, "eval_reward": None, "skipped_steps": 0}
-    if resume:
-        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
-        if master:
-            print(f"resumed from {resume} at step {state['step']}")
-    if master:
-        experts_per_step = cfg.chord_sft_per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-        print(f"{len(kept)} prompts, {len(expert_kept)} expert examples, {len(val)} held out; {prompts_per_rank * world_size} "
-              f"prompts x {cfg.num_generations} completions and {experts_per_step} expert examples per step, {total_steps} "
-              f"steps; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); "
-              f"{world_size} process(es) on {device.type}")
-    tracker = None
-    if master and cfg.report_to == "wandb":
-        import wandb
+    def update(micro, sigterm):
+        mu = chord_mu(run.state["step"], cfg.chord_mu_warmup_steps, cfg.chord_mu_decay_steps, cfg.chord_mu_peak,
+                      cfg.chord_mu_valley)
+        # one expert micro-batch next to each GRPO micro-batch (as ms-swift draws them), taken whatever mu is
+        expert_micro = [[run.encoder(expert[j], **EXPERT) for j in next_expert_batch(expert_plan, run.state)] for _ in micro]
+        return train_step(run, micro, expert_micro, mu, sigterm)
 
-        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
-    elif master and cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        tracker = SummaryWriter(cfg.output_dir)
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
-    completions_file = open(os.path.join(cfg.output_dir, "completions.jsonl"), "a") if master and cfg.log_completions else None
-
-    def log(metrics):
-        if not master:
-            return
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
-        if cfg.report_to == "wandb":
-            tracker.log(metrics, step=metrics["step"])
-        elif cfg.report_to == "tensorboard":
-            for k, v in metrics.items():
-                tracker.add_scalar(k, v, metrics["step"])
-
-    evals = []  # every eval of this run, for the summary at the end
-
-    def run_eval():
-        result = evaluate(model, val, encoder, cfg, device, rank, world_size, distributed)
-        state["eval_reward"] = result["eval_reward"]
-        log({"step": state["step"], **result})
-        evals.append(result)
-        return result
-
-    def clock():  # on GPU, after the queued kernels have run: else they are billed to the next phase
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    first_eval = run_eval() if val and cfg.eval_on_start and state["step"] == 0 else None
-    model.train()
-    window = []  # the metrics of each step since the last log line
-    # SIGTERM only raises a flag: the step in progress finishes, then every process saves and the run exits 0
-    sigterm = {"received": False}
-    if cfg.save_on_sigterm:
-        default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
-    stop, bad_in_a_row, checkpoint_path = False, 0, None
-    while state["step"] < total_steps and not stop:
-        # sampling has its own seeds (sampling_seeds); every other random draw of this rollout and its updates
-        # (dropout, a random reward) follows from (seed, step, process): a resumed run continues exactly
-        step_seed = (cfg.seed * 1_000_003 + state["step"]) * 1009 + rank
-        torch.manual_seed(step_seed)
-        random.seed(step_seed)
-        start = clock()
-        batch, generated = make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed)
-        if cfg.log_completions:
-            rows = gather_lists({"rows": completion_rows(batch, state["step"])}, distributed)["rows"]
-            if master:
-                completions_file.writelines(json.dumps(r) + "\n" for r in rows)
-                completions_file.flush()
-        stats = rollout_metrics(batch, generated, distributed)
-        rollout_end = clock()
-        micro = micro_batches(batch, encoder, cfg, device)
-        fixed_logps(model, reference, micro, cfg, device)
-        logprob_end = clock()
-        # every prompt + completion token goes through each update (counted on the host: no wait for the device); the
-        # expert examples' tokens are not counted, so the rate compares with train_grpo.py's
-        stats.update(rollout_s=rollout_end - start, logprob_s=logprob_end - rollout_end,
-                     tokens=sum(len(e["input_ids"]) for mb in micro for e in mb["examples"]))
-        for _ in range(cfg.num_iterations):
-            start = clock()  # update_s: the expert micro-batches' encoding, then train_step
-            mu = chord_mu(state["step"], cfg.chord_mu_warmup_steps, cfg.chord_mu_decay_steps, cfg.chord_mu_peak,
-                          cfg.chord_mu_valley)
-            # one expert micro-batch next to each GRPO micro-batch (as ms-swift draws them), taken whatever mu is
-            expert_micro = [[encoder(expert[j], **EXPERT) for j in next_expert_batch(expert_plan, state)] for _ in micro]
-            metrics, skipped, stop = train_step(model, optimizer, scheduler, micro, expert_micro, mu, cfg, device,
-                                                world_size, distributed, sigterm["received"])
-            update_s = clock() - start
-            window.append({**stats, **metrics, "update_s": update_s,
-                           "step_s": stats["rollout_s"] + stats["logprob_s"] + update_s})
-            stats.update(rollout_s=0.0, logprob_s=0.0)  # later iterations reuse the rollout and its fixed log-probs
-            state["step"] += 1
-            state["skipped_steps"] += skipped  # no update from it; the step count and the prompts still advance
-            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
-                averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
-                            for k in window[0]}
-                averaged["tokens_per_s"] = averaged.pop("tokens") / averaged["step_s"]  # this process's, over the window
-                if device.type == "cuda":
-                    averaged["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged,
-                     "skipped_steps": state["skipped_steps"]})
-                window = []
-            if bad_in_a_row >= cfg.max_bad_steps:
-                if cfg.save_on_sigterm:
-                    signal.signal(signal.SIGTERM, default_sigterm)
-                raise SystemExit(f"stopped at step {state['step']}: the loss or gradient norm was NaN/inf in {bad_in_a_row} steps "
-                                 f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
-                                 f"is finite). Try a lower --learning_rate or --max_grad_norm, check the rewards and the data "
-                                 f"(python data.py check FILE), or raise --max_bad_steps to skip more")
-            if state["step"] >= total_steps:
-                break  # (after SIGTERM a rollout's other iterations run too: resuming mid-rollout is not exact)
-        # evaluate and save at rollout boundaries (every step when num_iterations is 1); after SIGTERM, save and stop
-        due = lambda every: every > 0 and (state["step"] // every > (state["step"] - cfg.num_iterations) // every
-                                           or state["step"] >= total_steps)
-        if val and not stop and due(cfg.eval_steps):
-            run_eval()
-        if stop or due(cfg.save_steps):
-            checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
-    if cfg.save_on_sigterm:
-        signal.signal(signal.SIGTERM, default_sigterm)
-    if master and stop:
-        print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
-              f"with --resume_from_checkpoint latest", flush=True)
-    elif master:
-        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
-        for key in ("eval_reward", "eval_accuracy"):
-            if first_eval is not None and len(evals) > 1 and key in evals[-1]:
-                print(f"held-out {key[5:]} (greedy, {min(len(val), cfg.eval_limit)} prompts): start {first_eval[key]:.3f} "
-                      f"-> end {evals[-1][key]:.3f} ({evals[-1][key] - first_eval[key]:+.3f})")
-    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
-        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
-    if distributed:
-        dist.destroy_process_group()
-    return state
+    return grpo.train(run, update)
 
 
 if __name__ == "__main__":
     try:
         main()
     finally:  # also after an error (out of memory, say): a GPU run is a process group even alone, and must let go
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if grpo.dist.is_initialized():
+            grpo.dist.destroy_process_group()

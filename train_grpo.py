@@ -8,12 +8,13 @@ train_grpo.py: GRPO and its variants (DAPO, Dr. GRPO, GSPO, CISPO) for Qwen-VL m
         --reward_funcs accuracy format --reward_weights 1 0.5 --max_completion_length 1024 --beta 0.04
     torchrun --nproc_per_node 8 train_grpo.py --config grpo.yaml --reward_plugin my_rewards.py
 
-A step: take prompts; sample num_generations completions of each with the policy itself (rollout); score them
-(rewards.py); turn the scores into group-relative advantages (group_advantages); update the policy with the clipped
-surrogate loss (grpo_loss), num_iterations times per rollout. Records are `messages` prompts (+ images/videos); every
-other field (`solution`, ...) goes to the reward functions. Variants: DAPO = --loss_type dapo --epsilon_high 0.28
---dynamic_sample true --overlong_filter true; Dr. GRPO = --loss_type dr_grpo --scale_rewards none;
-GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon_high 4.
+A step (see train): take prompts; sample num_generations completions of each with the policy itself (rollout); score
+them (score, with rewards.py); turn the scores into group-relative advantages (group_advantages); update the policy
+with the clipped surrogate loss (grpo_loss), num_iterations times per rollout. Records are `messages` prompts
+(+ images/videos); every other field (`solution`, ...) goes to the reward functions. Variants: DAPO = --loss_type dapo
+--epsilon_high 0.28 --dynamic_sample true --overlong_filter true; Dr. GRPO = --loss_type dr_grpo --scale_rewards none;
+GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon_high 4. train_chord.py builds on this
+file: its main is setup + train with CHORD's update.
 """
 import contextlib
 import hashlib
@@ -26,6 +27,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -135,10 +137,12 @@ class Config:
     config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
 
-def parse_config(argv=None):
+
+def read_config(config_class, argv):
+    """The dataclass from the command line, over the defaults of `--config file.yaml|json` when given."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(Config)
+    parser = HfArgumentParser(config_class)
     argv = sys.argv[1:] if argv is None else argv
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
@@ -149,11 +153,16 @@ def parse_config(argv=None):
                 defaults = yaml.safe_load(f)
             else:
                 defaults = json.load(f)
-        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
+        unknown = set(defaults) - set(config_class.__dataclass_fields__)
         if unknown:
             raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
         parser.set_defaults(**defaults)
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def parse_config(argv=None, config_class=Config):
+    cfg = read_config(config_class, argv)
     choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
                "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
                "reward_error": ("raise", "skip"), "master_dtype": ("float32", "bfloat16")}
@@ -223,22 +232,13 @@ def gather_lists(values, distributed):
 PROMPT = {"train_on": "none", "add_generation_prompt": True}  # a prompt: no labels, ends with "<|im_start|>assistant\n"
 
 
-def load_data(cfg, encoder, rank, world_size, distributed):
-    def specs(names, split):  # "demo", "demo#N", "demo%P" name the demo task's RL files
-        return [data.demo_path("rl", split) + n[4:] if n.split("#")[0].split("%")[0] == "demo" else n for n in names]
-
-    train = data.load_dataset(specs(cfg.dataset, "train"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    if cfg.split_dataset_ratio > 0:
-        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
-    elif cfg.val_dataset:
-        val = data.load_dataset(specs(cfg.val_dataset, "val"), "rl", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    else:
-        val = []
-    # every prompt is encoded once up front, each process taking a share: bad records are found now, not at step 900
-    shard = list(range(rank, len(train), world_size))
-    kept, _, _ = data.measure_lengths([train[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT)
-    kept = gather_lists({"kept": [shard[i] for i in kept]}, distributed)["kept"]
-    return train, val, sorted(kept)
+def load_data(cfg, encoder, rank, world_size):
+    """-> (training records, held-out records, indices of the usable training records). Every prompt is encoded once
+    up front, each process taking a share: bad records are found now, not at step 900."""
+    train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "rl", cfg.seed,
+                                     cfg.media_root, cfg.skip_bad_records)
+    kept, _, _ = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT, rank, world_size)
+    return train, val, kept
 
 
 def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
@@ -257,37 +257,32 @@ def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: the policy; the reference is the policy with its adapters off (LoRA) or a frozen copy (full; none if beta 0)
+# Model: the policy, and the reference it is kept close to (beta != 0): with LoRA the policy with its adapters off
+# (lora.disable_adapters), with full fine-tuning a frozen copy
 
-def load_model(cfg, device, distributed, weights=None, reference=False):
-    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied;
-    or, with reference=True, a frozen copy of cfg.model in eval mode (it only scores)."""
+def load_model(cfg, device, weights=None):
+    """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: frozen weights (and the reference) in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts
-    # to bf16 for compute, see shard_model); CPU: fp32 throughout, unless the policy's master weights are bf16
-    dtype = torch.bfloat16 if device.type == "cuda" or (cfg.master_dtype == "bfloat16" and not reference) else torch.float32
+    # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
+    # shard_model); CPU: fp32 throughout, unless the master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
                                                         attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation == "varlen":
         data.use_varlen_attention(model)
-    model.config.use_cache = False
-    if reference:
-        return model.requires_grad_(False).eval().to(device), 0, 0
     if cfg.train_type == "lora":
-        targets = cfg.target_modules
-        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
-    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
-    for p in model.parameters():
-        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates (RL's are small)
-            p.data = p.data.float()
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
+    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
+                                          getattr(torch, cfg.master_dtype))
     if cfg.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(model.model.language_model.layers):
             layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
+    model.config.use_cache = False
     return model.to(device), trainable, total
 
 
@@ -320,8 +315,25 @@ def shard_model(model, cfg, device, reference=False):
     return model
 
 
+def load_reference(cfg, device, distributed):
+    """A frozen bf16 (GPU) copy of cfg.model in eval mode: it only scores. Sharded like the policy, always resharding
+    (it runs once a rollout)."""
+    from transformers import AutoModelForImageTextToText
+
+    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
+    reference = AutoModelForImageTextToText.from_pretrained(
+        data.resolve_model(cfg.model), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        attn_implementation=attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation == "varlen":
+        data.use_varlen_attention(reference)
+    reference = reference.requires_grad_(False).eval().to(device)
+    if distributed:
+        reference = shard_model(reference, replace(cfg, fsdp_reshard_after_forward=True, offload_optimizer=False), device)
+    return reference
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Rollout: the interface a generation backend satisfies (prompt samples in; completion token ids and texts out)
+# Rollout: prompts -> num_generations completions each, sampled from the policy itself
 
 def stop_tokens(encoder):
     """Completions end at Qwen's end-of-turn token; <|endoftext|> also stops a base model."""
@@ -331,6 +343,64 @@ def stop_tokens(encoder):
 def truncated(completion_ids, encoder):
     return completion_ids[-1] not in stop_tokens(encoder)
 
+
+def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
+    """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
+    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
+    on the process or the generate call it lands in, so N processes sample what 1 does."""
+    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
+    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
+            for j in range(num_prompts) for k in range(cfg.num_generations)]
+
+
+@torch.no_grad()
+def rollout(model, encoder, samples, cfg, device, greedy=False, prompts=None, seeds=None):
+    """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
+    --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
+    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. Batched generate calls
+    (generate) over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
+    repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
+    from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
+    from torch.distributed.fsdp import FSDPModule
+
+    prompts = prompts or [encoder(s, **PROMPT) for s in samples]
+    rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
+    if not greedy and seeds is None:
+        seeds = torch.randint(2**62, (len(rows),)).tolist()
+    tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
+    # vision placeholders are never sampled: the model would look for an image that is not there
+    suppressed = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    was_training = model.training
+    model.eval()
+    # FSDP2: each unit gathers its weights once for the whole generation (the policy, unsharded in bf16, for that
+    # time), not again at every new token
+    gather_once = isinstance(model, FSDPModule)
+    if gather_once:
+        model.set_reshard_after_forward(False)
+    completion_ids = []
+    size = cfg.generation_batch_size or len(rows)
+    for start in range(0, len(rows), size):
+        sampler = None if greedy else SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)
+        # --compile serves the log-prob passes, not generation: under a KV cache each decoder layer's graph specialises
+        # on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8 graphs of
+        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU).
+        # The autocast cache stays off: a CUDA graph must not record casts cached outside it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
+                torch.compiler.set_stance("force_eager"):
+            completion_ids += generate(model, rows[start : start + size], cfg.max_completion_length, stop, pad, suppressed,
+                                       sampler, 1.0 if greedy else cfg.repetition_penalty, cfg.cuda_graph)
+    if gather_once:
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+        model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
+    model.train(was_training)
+    return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: the seeded sampler, a static KV cache, each new token's step replayed as a CUDA graph
 
 class SeededSampler:
     """Sampling in which each completion depends only on its own seed: logits [rows, vocab] -> scores whose argmax
@@ -358,15 +428,6 @@ class SeededSampler:
             scores = scores.masked_fill(drop.scatter(1, order, drop), -math.inf)
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
         return scores - torch.log(-torch.log(u))
-
-
-def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
-    """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
-    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
-    on the process or the generate call it lands in, so N processes sample what 1 does."""
-    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
-    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
-            for j in range(num_prompts) for k in range(cfg.num_generations)]
 
 
 @contextlib.contextmanager
@@ -467,54 +528,8 @@ def generate(model, prompts, max_new_tokens, stop, pad, suppressed, sampler=None
     return [row[: next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in completions]
 
 
-@torch.no_grad()
-def rollout(model, encoder, samples, cfg, device, greedy=False, prompts=None, seeds=None):
-    """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
-    --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
-    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. Batched generate calls
-    (generate) over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
-    repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
-    from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
-    from torch.distributed.fsdp import FSDPModule
-
-    prompts = prompts or [encoder(s, **PROMPT) for s in samples]
-    rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
-    if not greedy and seeds is None:
-        seeds = torch.randint(2**62, (len(rows),)).tolist()
-    tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
-    # vision placeholders are never sampled: the model would look for an image that is not there
-    suppressed = [encoder.image_pad, encoder.video_pad] + tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-    was_training = model.training
-    model.eval()
-    # FSDP2: each unit gathers its weights once for the whole generation (the policy, unsharded in bf16, for that
-    # time), not again at every new token
-    gather_once = isinstance(model, FSDPModule)
-    if gather_once:
-        model.set_reshard_after_forward(False)
-    completion_ids = []
-    size = cfg.generation_batch_size or len(rows)
-    for start in range(0, len(rows), size):
-        sampler = None if greedy else SeededSampler(seeds[start : start + size], cfg.temperature, cfg.top_k, cfg.top_p, device)
-        # --compile serves the log-prob passes, not generation: under a KV cache each decoder layer's graph specialises
-        # on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8 graphs of
-        # the layer's code) and the training forward that comes after runs uncompiled (seen with 12 layers on CPU).
-        # The autocast cache stays off: a CUDA graph must not record casts cached outside it
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False), \
-                torch.compiler.set_stance("force_eager"):
-            completion_ids += generate(model, rows[start : start + size], cfg.max_completion_length, stop, pad, suppressed,
-                                       sampler, 1.0 if greedy else cfg.repetition_penalty, cfg.cuda_graph)
-    if gather_once:
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
-        model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
-    model.train(was_training)
-    return completion_ids, [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Rewards and advantages
+# Rewards, and which groups the step trains on
 
 def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
     """Rewards of completions (num_generations per sample, prompt-major). Columns: every record field repeated per
@@ -528,6 +543,22 @@ def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
                                                   cfg.reward_timeout, cfg.reward_error, errors)
     return torch.tensor(total, dtype=torch.float32), per_function
 
+
+def make_groups(samples, prompts, completion_ids, texts, total, per_function, num_generations):
+    """One dict per prompt: its sample, encoded prompt, completions, their texts and rewards."""
+    G = num_generations
+    return [{"sample": sample, "prompt": prompts[j], "completion_ids": completion_ids[j * G : (j + 1) * G],
+             "texts": texts[j * G : (j + 1) * G], "rewards": total[j * G : (j + 1) * G],
+             "per_function": {k: v[j * G : (j + 1) * G] for k, v in per_function.items()}}
+            for j, sample in enumerate(samples)]
+
+
+def has_signal(group):
+    return bool(group["rewards"].max() > group["rewards"].min())  # equal rewards: zero advantage, no gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
 
 def group_advantages(rewards, num_generations, scale_rewards="group"):
     """GRPO's group-relative advantage with outcome rewards (Shao et al. 2024, DeepSeekMath §4.1.2):
@@ -548,58 +579,24 @@ def group_advantages(rewards, num_generations, scale_rewards="group"):
     return centred / (std + 1e-4)
 
 
-def make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed):
-    """This process's prompts of one step -> completions, rewards, advantages. With --dynamic_sample, groups whose
-    rewards all agree (zero advantage: no signal) are replaced by groups of new prompts, for up to max_resample_times
-    more rounds (DAPO §3.2); when rounds run out, agreeing groups fill the batch with no loss on them.
-    -> (the batch to train on, every completion generated: for the log)."""
-    G = cfg.num_generations
-    prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // G
-    informative, agreeing, generated = [], [], {"reward": [], "completion_length": [], "truncated": [], "zero_std_groups": []}
-    errors = {}  # completions whose reward failed, per reward (--reward_error skip)
-    for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
-        samples = [train[i] for i in next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size)]
-        prompts = [encoder(s, **PROMPT) for s in samples]
-        seeds = sampling_seeds(cfg, state["step"], rounds, rank * prompts_per_rank, len(samples))
-        completion_ids, texts = rollout(model, encoder, samples, cfg, device, prompts=prompts, seeds=seeds)
-        total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
-        generated["reward"] += total.tolist()
-        for name, values in per_function.items():
-            generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
-        generated["completion_length"] += [len(c) for c in completion_ids]
-        generated["truncated"] += [float(truncated(c, encoder)) for c in completion_ids]
-        for j, sample in enumerate(samples):
-            group = slice(j * G, (j + 1) * G)
-            g = {"sample": sample, "prompt": prompts[j], "completion_ids": completion_ids[group], "texts": texts[group],
-                 "rewards": total[group], "per_function": {k: v[group] for k, v in per_function.items()}}
-            spread = bool(g["rewards"].max() > g["rewards"].min())
-            generated["zero_std_groups"].append(float(not spread))
-            (informative if spread or not cfg.dynamic_sample else agreeing).append(g)
-        need_more = torch.tensor(float(len(informative) < prompts_per_rank), device=device)
-        if not cfg.dynamic_sample or not all_reduce(need_more, distributed, "max").item():
-            break  # every process runs the same number of rounds: generate() is a collective under FSDP
+def loss_mask(groups, cfg, encoder):
+    """[completions] bool: which completions carry loss. With --dynamic_sample the agreeing groups that only fill the
+    batch carry none; with --overlong_filter a completion cut at max_completion_length carries none (its reward
+    judges an unfinished answer, DAPO §3.4)."""
+    keep = torch.ones(len(groups) * cfg.num_generations, dtype=torch.bool)
+    if cfg.dynamic_sample:
+        keep &= torch.tensor([has_signal(g) for g in groups for _ in range(cfg.num_generations)])
+    if cfg.overlong_filter:
+        keep &= torch.tensor([not truncated(c, encoder) for g in groups for c in g["completion_ids"]])
+    return keep
+
+
+def rollout_metrics(groups, generated, advantages, rounds, errors, cfg, distributed):
+    """Means (and stds of rewards and advantages) over every process's completions, the longest completion, the
+    rounds of dynamic sampling, and the completions whose reward failed (reward_errors/<name>, --reward_error skip)."""
     if cfg.reward_error == "skip":
         generated.update({f"reward_errors/{name}": [errors.get(name, 0)] for name in cfg.reward_funcs})
-    groups = (informative + agreeing)[:prompts_per_rank]
-    batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
-             "rewards": torch.cat([g["rewards"] for g in groups]), "rounds": rounds}
-    # advantages over the global batch (a group never straddles processes; "batch" scaling needs every reward)
-    everything = torch.tensor(gather_lists({"r": batch["rewards"].tolist()}, distributed)["r"])
-    n = len(batch["rewards"])
-    batch["advantages"] = group_advantages(everything, G, cfg.scale_rewards)[rank * n : (rank + 1) * n]
-    keep = torch.ones(n, dtype=torch.bool)
-    if cfg.dynamic_sample:  # agreeing groups that only fill the batch carry no loss
-        keep &= torch.tensor([bool(g["rewards"].max() > g["rewards"].min()) for g in groups for _ in range(G)])
-    if cfg.overlong_filter:  # a cut completion's reward judges an unfinished answer: no loss on it (DAPO §3.4)
-        keep &= torch.tensor([not truncated(c, encoder) for c in batch["completion_ids"]])
-    batch["keep"] = keep
-    return batch, generated
-
-
-def rollout_metrics(batch, generated, distributed):
-    """Means (and stds of rewards and advantages) over every process's completions, the longest completion, and
-    the number of completions whose reward failed (reward_errors/<name>, --reward_error skip)."""
-    values = gather_lists({**generated, "advantage": batch["advantages"].tolist()}, distributed)
+    values = gather_lists({**generated, "advantage": advantages.tolist()}, distributed)
     out = {}
     for name, v in values.items():
         if name.startswith("reward_errors/"):
@@ -609,8 +606,29 @@ def rollout_metrics(batch, generated, distributed):
             if name.startswith("reward") or name == "advantage":
                 out[name + "_std"] = torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else 0.0
     out["completion_length_max"] = float(max(values["completion_length"]))
-    out["rollout_rounds"] = batch["rounds"]
+    out["rollout_rounds"] = rounds
     return out
+
+
+def note_completions(generated, groups, encoder):
+    """What the log reports of every completion generated (kept for the step or not)."""
+    for g in groups:
+        generated.setdefault("reward", []).extend(g["rewards"].tolist())
+        for name, values in g["per_function"].items():
+            generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
+        generated.setdefault("completion_length", []).extend(len(c) for c in g["completion_ids"])
+        generated.setdefault("truncated", []).extend(float(truncated(c, encoder)) for c in g["completion_ids"])
+        generated.setdefault("zero_std_groups", []).append(float(not has_signal(g)))
+
+
+def completion_rows(batch, step):
+    """completions.jsonl rows: the prompt, the completion, each reward and the advantage."""
+    rows = [{"step": step, "prompt": g["sample"].messages[-1]["content"], "images": g["sample"].images, "completion": text,
+             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()}}
+            for g in batch["groups"] for k, text in enumerate(g["texts"])]
+    for row, advantage in zip(rows, batch["advantages"].tolist()):
+        row["advantage"] = advantage
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -686,25 +704,33 @@ def model_inputs(batch, device):
             for k in keys if batch.get(k) is not None}
 
 
-def chunk_logps(logits, targets, temperature):
-    logps = (logits.float() / temperature).log_softmax(-1)  # the policy is what the rollout samples: tempered
-    with torch.no_grad():  # the policy's entropy at each token, for the log: one more pass over a chunk in memory
-        entropy = -(logps.exp() * logps).sum(-1)
+def chunk_logps(logits, targets, temperature=1.0, with_entropy=False):
+    logps = (logits.float() / temperature).log_softmax(-1)
+    entropy = None
+    if with_entropy:  # for the log: one more pass over a chunk already in memory
+        with torch.no_grad():
+            entropy = -(logps.exp() * logps).sum(-1)
     return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
 
 
-def token_logps(model, batch, device, temperature=1.0, chunk_size=1024):
-    """-> (log-probabilities of the labelled tokens [N], their entropies [N]), in order."""
-    labels = batch["labels"].to(device)
-    keep = (labels != data.IGNORE).any(0).nonzero().squeeze(1)  # columns with a label in some row
+def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk_size=1024):
+    """-> (log-probabilities of the labelled tokens [N], their entropies [N] or None), in order, of the policy at
+    `temperature`. Which tokens are labelled is read from the labels while they are still on the CPU, so the GPU is
+    never waited for here."""
+    labelled = batch["labels"] != data.IGNORE
+    keep = labelled.any(0).nonzero().squeeze(1)  # columns with a label in some row
+    # index_select/masked_select, not [:, keep][mask]: CPU advanced indexing of an 8k-token row takes ~8 ms a call
+    labelled = labelled.index_select(1, keep)
+    targets = batch["labels"].index_select(1, keep).masked_select(labelled).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, keep]
-    mask = targets != data.IGNORE
-    logits, targets = logits[mask], targets[mask]
-    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, use_reentrant=False)
-           for i in range(0, len(targets), chunk_size)]
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device), use_cache=False).logits
+    # one row (packed) has a label in every kept column; padded rows need the mask (a boolean index: one sync)
+    logits = logits[0] if len(logits) == 1 else logits[labelled.to(device)]
+    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, with_entropy,
+                      use_reentrant=False) for i in range(0, len(targets), chunk_size)]
+    if not out:
+        return logits.new_zeros(0), logits.new_zeros(0) if with_entropy else None
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if with_entropy else None
 
 
 def completion_example(prompt, completion_ids, encoder):
@@ -719,15 +745,15 @@ def completion_example(prompt, completion_ids, encoder):
     return encoder.add_positions(example)
 
 
-def completion_logps(model, examples, lengths, device, temperature):
-    """One packed forward of prompt + completion examples -> (logps, entropy, mask), each [B, longest completion]."""
+def completion_logps(model, examples, lengths, device, temperature, with_entropy=False):
+    """One packed forward of prompt + completion examples -> (logps, entropy or None, mask), each [B, longest
+    completion]. The mask is built from the host's lengths: no sync."""
     batch = data.collate(examples, packing=True)
     batch |= data.vision_windows(batch, model.config)  # Qwen2.5-VL's window order from the CPU's grids (data.py)
-    flat_logps, flat_entropy = token_logps(model, batch, device, temperature)
-    lengths = torch.tensor(lengths, device=device)
-    mask = torch.arange(int(lengths.max()), device=device)[None] < lengths[:, None]
-    zeros = flat_logps.new_zeros(mask.shape)
-    return zeros.masked_scatter(mask, flat_logps), zeros.masked_scatter(mask, flat_entropy), mask
+    flat_logps, flat_entropy = token_logps(model, batch, device, temperature, with_entropy)
+    mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).to(device, non_blocking=True)
+    spread = lambda flat: flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+    return spread(flat_logps), spread(flat_entropy) if with_entropy else None, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -762,57 +788,64 @@ def fixed_logps(model, reference, micro, cfg, device):
     model.train()
 
 
-def train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed, sigterm=False):
-    """Forward and backward every micro-batch, then one optimizer step, skipped (no update; the schedule still moves
-    on) when the loss or the gradient norm is NaN/inf on any process. -> (the loss metrics of the global batch,
-    whether the step was skipped, whether any process has been sent SIGTERM)."""
+def micro_batch_loss(model, mb, num_items, num_micro, cfg, device, world_size):
+    """GRPO's loss on one micro-batch, scaled so that the gradients of every micro-batch of every process add up to
+    the global batch's -> (loss, its metrics as sums over the micro-batch's tokens)."""
     dapo_like = cfg.loss_type in ("dapo", "cispo")
-    # dapo/cispo normalise by the completion tokens of the whole global batch, counted before any backward
+    logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True)
+    mask = mask & mb["keep"][:, None]
+    loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
+                        cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
+                        cfg.max_completion_length, num_items if dapo_like else None)
+    if not dapo_like:
+        loss = loss / (num_micro * world_size)  # the mean over every micro-batch of every process
+    n = mask.sum()
+    return loss, {"loss": loss.detach(), **{k: v * n for k, v in m.items()}, "entropy": (entropy * mask).sum(), "tokens": n.float()}
+
+
+def completion_tokens(micro, device, distributed):
+    """The completion tokens that carry loss in the global batch, counted before any backward (dapo/cispo divide by
+    it). From host values: no sync."""
     tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
-    num_items = all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)  # (a fill: no sync)
-    sums = torch.zeros(8, device=device)  # loss, then token-weighted kl, clip low/high/region, entropy; tokens; SIGTERM
-    sums[7] = float(sigterm)
+    return all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)
+
+
+def train_step(run, micro, sigterm=False):
+    """Forward and backward every micro-batch, then one optimizer step (optimizer_step: skipped when the loss or the
+    gradient norm is NaN/inf on any process). -> (the loss metrics of the global batch, skipped?, SIGTERM anywhere?)"""
+    model, cfg, device = run.model, run.cfg, run.device
+    num_items = completion_tokens(micro, device, run.distributed)
+    sums = {}
     for i, mb in enumerate(micro):
-        if distributed:
+        if run.distributed:
             model.set_requires_gradient_sync(i == len(micro) - 1)  # reduce gradients once per step
-        logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)
-        mask = mask & mb["keep"][:, None]
-        loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
-                            cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
-                            cfg.max_completion_length, num_items if dapo_like else None)
-        if not dapo_like:
-            loss = loss / (len(micro) * world_size)  # the mean over every micro-batch of every process
-        (loss * world_size).backward()  # FSDP averages gradients over processes
-        n = mask.sum()
-        sums[:7] += torch.stack([loss.detach(), m["kl"] * n, m["clip_low"] * n, m["clip_high"] * n, m["clip_region"] * n,
-                                 (entropy * mask).sum(), n.float()])
+        loss, metrics = micro_batch_loss(model, mb, num_items, len(micro), cfg, device, run.world_size)
+        (loss * run.world_size).backward()  # FSDP averages gradients over processes
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+    grad_norm, skipped, stop = optimizer_step(model, run.optimizer, run.scheduler, sums["loss"], cfg, device,
+                                              run.distributed, sigterm)
+    totals = dict(zip(sums, all_reduce(torch.stack(list(sums.values())), run.distributed).tolist()))
+    n = max(totals.pop("tokens"), 1.0)
+    return {"loss": totals.pop("loss"), **{k: v / n for k, v in totals.items()}, "grad_norm": grad_norm,
+            "lr": run.scheduler.get_last_lr()[0]}, skipped, stop
+
+
+def optimizer_step(model, optimizer, scheduler, loss, cfg, device, distributed, sigterm):
+    """Clip the gradients, then step, unless the loss or the gradient norm is NaN/inf on any process: that step
+    leaves the weights and AdamW's moments as they were (finite); the schedule moves on either way. The step's one
+    host sync reads both flags. -> (gradient norm, skipped, SIGTERM received by any process)."""
     grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
-    # the step's one host sync: the summed metrics (a NaN/inf loss on any process makes the sum NaN/inf everywhere),
-    # the global gradient norm, and whether any process got SIGTERM
-    values = torch.cat([all_reduce(sums, distributed), grad_norm.reshape(1).to(sums)]).tolist()
-    loss, kl, low, high, region, entropy, n, sigterm, grad_norm = values
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if not skipped:  # a skipped step leaves the weights and AdamW's moments as they were: finite
+    flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)), torch.tensor(sigterm, device=device)])
+    skipped, stop = all_reduce(flags.float(), distributed, op="max").bool().tolist()
+    if not skipped:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    n = max(n, 1.0)
-    return ({"loss": loss, "kl": kl / n, "clip_low": low / n, "clip_high": high / n, "clip_region": region / n,
-             "entropy": entropy / n, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}, skipped, sigterm > 0)
-
-
-def completion_rows(batch, step):
-    """completions.jsonl rows: the prompt, the completion, each reward and the advantage."""
-    rows = [{"step": step, "prompt": g["sample"].messages[-1]["content"], "images": g["sample"].images, "completion": text,
-             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()}}
-            for g in batch["groups"] for k, text in enumerate(g["texts"])]
-    for row, advantage in zip(rows, batch["advantages"].tolist()):
-        row["advantage"] = advantage
-    return rows
+    return grad_norm.item(), skipped, stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule, evaluation, checkpoints
+# Schedule, evaluation, logging, checkpoints
 
 def lr_lambda(cfg, total_steps):
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
@@ -830,6 +863,12 @@ def lr_lambda(cfg, total_steps):
     return schedule
 
 
+def due(every, step, total_steps, steps_done=1):
+    """Whether a thing done every `every` steps (and at the last step) is due at `step`, steps_done steps after the
+    last time this was asked."""
+    return every > 0 and (step // every > (step - steps_done) // every or step >= total_steps)
+
+
 def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
     """Greedy completions of the first eval_limit held-out prompts -> mean reward, and accuracy (rewards.accuracy
     against `solution`) over the records that have one."""
@@ -845,6 +884,43 @@ def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
             sums += torch.tensor([total.sum().item(), len(chunk), sum(correct), len(correct)], dtype=torch.float64, device=device)
     reward, prompts, correct, with_solution = all_reduce(sums, distributed).tolist()
     return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {})}
+
+
+def open_log(cfg, master):
+    """-> log(metrics): a line of metrics.jsonl, a printed line and --report_to's tracker (main process only);
+    log.close() flushes and closes them."""
+    tracker = metrics_file = None
+    if master and cfg.report_to == "wandb":
+        import wandb
+
+        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
+    elif master and cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tracker = SummaryWriter(cfg.output_dir)
+    if master:
+        metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
+
+    def log(metrics):
+        if not master:
+            return
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+        if cfg.report_to == "wandb":
+            tracker.log(metrics, step=metrics["step"])
+        elif cfg.report_to == "tensorboard":
+            for k, v in metrics.items():
+                tracker.add_scalar(k, v, metrics["step"])
+
+    def close():  # the tracker buffers the last metrics until it is closed
+        if metrics_file:
+            metrics_file.close()
+        if tracker is not None:
+            tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+
+    log.close = close
+    return log
 
 
 def check_output_dir(cfg):
@@ -904,13 +980,20 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
+def checkpoint_score(trainer_state):
+    """Of the checkpoints, the one kept besides the latest has the lowest score: the highest eval reward."""
+    reward = trainer_state.get("eval_reward")
+    return None if reward is None else -reward
+
+
 NOT_COPIED = {"config.json", "generation_config.json", "trainer_state.json", "training_state.pt"}  # and weight files
 
 
 def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
     """checkpoint-STEP/: the model (Hugging Face format) or the adapter (PEFT format), the tokenizer and processor
-    files, and what an exact resume needs: optimizer, scheduler, and step / epoch / prompt cursor (sampling is reseeded
-    from the step, so no RNG state). Written to .tmp, then renamed: a crash never leaves one that looks complete."""
+    files, and what an exact resume needs (optimizer, scheduler, RNG, trainer state). Written to .tmp, then renamed:
+    a crash never leaves one that looks complete. Kept: the latest, and the best by checkpoint_score, up to
+    save_total_limit."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -932,16 +1015,17 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
             if name not in NOT_COPIED and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")) \
                     and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, os.path.join(tmp, "training_state.pt"))
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
+                   os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, final)
-        # keep the latest and the best by eval reward, up to save_total_limit
         dirs, scores = checkpoint_dirs(cfg.output_dir), {}
         for d in dirs:
             with open(os.path.join(d, "trainer_state.json")) as f:
-                reward = json.load(f).get("eval_reward")
-            scores[d] = -reward if reward is not None else float("inf")
+                score = checkpoint_score(json.load(f))
+            scores[d] = float("inf") if score is None else score
         keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
         for d in dirs:
             if d not in keep and cfg.save_total_limit > 0:
@@ -952,7 +1036,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
 
 
 def load_checkpoint(path, model, optimizer, scheduler, cfg):
-    """What loading the model did not restore: the adapter (LoRA), optimizer, scheduler. -> trainer state."""
+    """What loading the model did not restore: the adapter (LoRA), optimizer, scheduler, RNG. -> trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model
@@ -960,17 +1044,21 @@ def load_checkpoint(path, model, optimizer, scheduler, cfg):
     saved = torch.load(os.path.join(path, "training_state.pt"), weights_only=True)
     set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if torch.cuda.is_available() and saved["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
     with open(os.path.join(path, "trainer_state.json")) as f:
         return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The run: everything the loop needs, built once; then the loop
 
-def main(argv=None):
-    cfg = parse_config(argv)
+def setup(cfg, state=None):
+    """Processes, output folder, rewards, the policy (and reference), data, optimizer, schedule, the state to resume
+    from. `state`: extra fields of the trainer state (train_chord.py's expert-data cursor). -> the run."""
     distributed, rank, world_size, device = setup_distributed()
     master = rank == 0
-    start_time = time.time()
     torch.manual_seed(cfg.seed)
     if master:
         check_output_dir(cfg)  # seconds, before the slow model load and prompt encoding
@@ -980,108 +1068,117 @@ def main(argv=None):
         names = rewards.load_reward_plugin(path)
         if master:
             print(f"rewards from {path}: {', '.join(names)}")
-
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
         resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
-    model, trainable, total = load_model(cfg, device, distributed, weights=resume if cfg.train_type == "full" else None)
-    # the reference: LoRA turns its adapters off (lora.disable_adapters); full fine-tuning keeps a frozen copy
-    reference = load_model(cfg, device, distributed, reference=True)[0] if cfg.beta != 0 and cfg.train_type == "full" else None
+    model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
+    reference = load_reference(cfg, device, distributed) if cfg.beta != 0 and cfg.train_type == "full" else None
     if distributed:
         model = shard_model(model, cfg, device)
-        reference = shard_model(reference, cfg, device, reference=True) if reference is not None else None
     if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (the reference only scores: eager)
         for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
             layer.compile(dynamic=True)  # rows and images of any size without a recompile
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
-    train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
+    train, val, kept = load_data(cfg, encoder, rank, world_size)
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     rollouts_per_epoch = max(len(kept) // (prompts_per_rank * world_size), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * rollouts_per_epoch * cfg.num_iterations)
-
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=device.type == "cuda" and not cfg.offload_optimizer)
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    state = {"step": 0, "epoch": 0, "cursor": 0, "eval_reward": None, "skipped_steps": 0}
+    state = {"step": 0, "epoch": 0, "cursor": 0, "eval_reward": None, "skipped_steps": 0, **(state or {})}
     if resume:
-        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
+        state.update(load_checkpoint(resume, model, optimizer, scheduler, cfg))
         if master:
             print(f"resumed from {resume} at step {state['step']}")
     if master:
         print(f"{len(kept)} prompts, {len(val)} held out; {prompts_per_rank * world_size} prompts x {cfg.num_generations} "
               f"completions per rollout, {total_steps} steps; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
               f"trainable ({cfg.train_type}); {world_size} process(es) on {device.type}")
-    tracker = None
-    if master and cfg.report_to == "wandb":
-        import wandb
+    return SimpleNamespace(cfg=cfg, distributed=distributed, rank=rank, world_size=world_size, device=device, master=master,
+                           model=model, reference=reference, encoder=encoder, train=train, val=val, kept=kept,
+                           prompts_per_rank=prompts_per_rank, rollouts_per_epoch=rollouts_per_epoch, total_steps=total_steps,
+                           optimizer=optimizer, scheduler=scheduler, state=state, log=open_log(cfg, master))
 
-        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
-    elif master and cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
 
-        tracker = SummaryWriter(cfg.output_dir)
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
-    completions_file = open(os.path.join(cfg.output_dir, "completions.jsonl"), "a") if master and cfg.log_completions else None
-
-    def log(metrics):
-        if not master:
-            return
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
-        if cfg.report_to == "wandb":
-            tracker.log(metrics, step=metrics["step"])
-        elif cfg.report_to == "tensorboard":
-            for k, v in metrics.items():
-                tracker.add_scalar(k, v, metrics["step"])
-
-    def run_eval():
-        result = evaluate(model, val, encoder, cfg, device, rank, world_size, distributed)
-        state["eval_reward"] = result["eval_reward"]
-        log({"step": state["step"], **result})
-        return result
+def train(run, update):
+    """The GRPO loop: prompts -> rollout -> rewards -> group-relative advantages -> num_iterations updates.
+    update(micro, sigterm) -> (metrics, skipped, stop): train_step here, CHORD's step in train_chord.py."""
+    cfg, state, encoder, G = run.cfg, run.state, run.encoder, run.cfg.num_generations
+    device, rank, distributed = run.device, run.rank, run.distributed
+    completions_file = open(os.path.join(cfg.output_dir, "completions.jsonl"), "a") if run.master and cfg.log_completions else None
 
     def clock():  # on GPU, after the queued kernels have run: else they are billed to the next phase
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    first_eval = run_eval() if val and cfg.eval_on_start and state["step"] == 0 else None
-    model.train()
+    def run_eval():
+        result = evaluate(run.model, run.val, encoder, cfg, device, rank, run.world_size, distributed)
+        state["eval_reward"] = result["eval_reward"]
+        run.log({"step": state["step"], **result})
+        return result
+
+    first_eval = run_eval() if run.val and cfg.eval_on_start and state["step"] == 0 else None
+    last_eval = first_eval
+    run.model.train()
     window = []  # the metrics of each step since the last log line
     # SIGTERM only raises a flag: the step in progress finishes, then every process saves and the run exits 0
     sigterm = {"received": False}
     if cfg.save_on_sigterm:
         default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
     stop, bad_in_a_row, checkpoint_path = False, 0, None
-    while state["step"] < total_steps and not stop:
+    while state["step"] < run.total_steps and not stop:
         # sampling has its own seeds (sampling_seeds); every other random draw of this rollout and its updates
         # (dropout, a random reward) follows from (seed, step, process): a resumed run continues exactly
         step_seed = (cfg.seed * 1_000_003 + state["step"]) * 1009 + rank
         torch.manual_seed(step_seed)
         random.seed(step_seed)
         start = clock()
-        batch, generated = make_rollout(model, encoder, train, kept, cfg, state, device, rank, world_size, distributed)
+        # rollout and rewards. DAPO's dynamic sampling (§3.2): while too few groups disagree (equal rewards: no
+        # signal), more rounds of new prompts, up to max_resample_times; agreeing groups fill what is still missing
+        groups, generated, errors = [], {}, {}
+        for rounds in range(1, 2 + (cfg.max_resample_times if cfg.dynamic_sample else 0)):
+            samples = [run.train[i] for i in next_prompts(run.kept, run.prompts_per_rank, cfg, state, rank, run.world_size)]
+            prompts = [encoder(s, **PROMPT) for s in samples]
+            seeds = sampling_seeds(cfg, state["step"], rounds, rank * run.prompts_per_rank, len(samples))
+            completion_ids, texts = rollout(run.model, encoder, samples, cfg, device, prompts=prompts, seeds=seeds)
+            total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
+            new = make_groups(samples, prompts, completion_ids, texts, total, per_function, G)
+            note_completions(generated, new, encoder)
+            groups += new
+            need_more = torch.tensor(float(sum(map(has_signal, groups)) < run.prompts_per_rank), device=device)
+            if not cfg.dynamic_sample or not all_reduce(need_more, distributed, "max").item():
+                break  # every process runs the same number of rounds: generation is a collective under FSDP
+        if cfg.dynamic_sample:  # informative groups first
+            groups = sorted(groups, key=lambda g: not has_signal(g))
+        groups = groups[: run.prompts_per_rank]
+        # advantages over the global batch (a group never straddles processes; "batch" scaling needs every reward)
+        my_rewards = torch.cat([g["rewards"] for g in groups])
+        everything = torch.tensor(gather_lists({"r": my_rewards.tolist()}, distributed)["r"])
+        n = len(my_rewards)
+        batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
+                 "advantages": group_advantages(everything, G, cfg.scale_rewards)[rank * n : (rank + 1) * n],
+                 "keep": loss_mask(groups, cfg, encoder)}
         if cfg.log_completions:
             rows = gather_lists({"rows": completion_rows(batch, state["step"])}, distributed)["rows"]
-            if master:
+            if run.master:
                 completions_file.writelines(json.dumps(r) + "\n" for r in rows)
                 completions_file.flush()
-        stats = rollout_metrics(batch, generated, distributed)
+        stats = rollout_metrics(groups, generated, batch["advantages"], rounds, errors, cfg, distributed)
         rollout_end = clock()
         micro = micro_batches(batch, encoder, cfg, device)
-        fixed_logps(model, reference, micro, cfg, device)
+        fixed_logps(run.model, run.reference, micro, cfg, device)
         logprob_end = clock()
         # every prompt + completion token goes through each update (counted on the host: no wait for the device)
         stats.update(rollout_s=rollout_end - start, logprob_s=logprob_end - rollout_end,
                      tokens=sum(len(e["input_ids"]) for mb in micro for e in mb["examples"]))
         for _ in range(cfg.num_iterations):
             start = clock()
-            metrics, skipped, stop = train_step(model, optimizer, scheduler, micro, cfg, device, world_size, distributed,
-                                                sigterm["received"])
+            metrics, skipped, stop = update(micro, sigterm["received"])
             update_s = clock() - start
             window.append({**stats, **metrics, "update_s": update_s,
                            "step_s": stats["rollout_s"] + stats["logprob_s"] + update_s})
@@ -1089,14 +1186,14 @@ def main(argv=None):
             state["step"] += 1
             state["skipped_steps"] += skipped  # no update from it; the step count and the prompts still advance
             bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-            if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps or bad_in_a_row >= cfg.max_bad_steps:
+            if due(cfg.logging_steps, state["step"], run.total_steps) or bad_in_a_row >= cfg.max_bad_steps:
                 averaged = {k: max(w[k] for w in window) if k.endswith("_max") else sum(w[k] for w in window) / len(window)
                             for k in window[0]}
                 averaged["tokens_per_s"] = averaged.pop("tokens") / averaged["step_s"]  # this process's, over the window
                 if device.type == "cuda":
                     averaged["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / rollouts_per_epoch, **averaged,
-                     "skipped_steps": state["skipped_steps"]})
+                run.log({"step": state["step"], "epoch": state["epoch"] + state["cursor"] / run.rollouts_per_epoch,
+                         **averaged, "skipped_steps": state["skipped_steps"]})
                 window = []
             if bad_in_a_row >= cfg.max_bad_steps:
                 if cfg.save_on_sigterm:
@@ -1105,30 +1202,35 @@ def main(argv=None):
                                  f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
                                  f"is finite). Try a lower --learning_rate or --max_grad_norm, check the rewards and the data "
                                  f"(python data.py check FILE), or raise --max_bad_steps to skip more")
-            if state["step"] >= total_steps:
+            if state["step"] >= run.total_steps:
                 break  # (after SIGTERM a rollout's other iterations run too: resuming mid-rollout is not exact)
         # evaluate and save at rollout boundaries (every step when num_iterations is 1); after SIGTERM, save and stop
-        due = lambda every: every > 0 and (state["step"] // every > (state["step"] - cfg.num_iterations) // every
-                                           or state["step"] >= total_steps)
-        if val and not stop and due(cfg.eval_steps):
-            run_eval()
-        if stop or due(cfg.save_steps):
-            checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
+        if run.val and not stop and due(cfg.eval_steps, state["step"], run.total_steps, cfg.num_iterations):
+            last_eval = run_eval()
+        if stop or due(cfg.save_steps, state["step"], run.total_steps, cfg.num_iterations):
+            checkpoint_path = save_checkpoint(run.model, run.optimizer, run.scheduler, cfg, state, rank, distributed)
     if cfg.save_on_sigterm:
         signal.signal(signal.SIGTERM, default_sigterm)
-    if master and stop:
-        print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
-              f"with --resume_from_checkpoint latest", flush=True)
-    elif master:
-        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
-        if first_eval is not None and state["eval_reward"] is not None:
-            print(f"held-out reward (greedy): start {first_eval['eval_reward']:.3f} -> end {state['eval_reward']:.3f} "
-                  f"({state['eval_reward'] - first_eval['eval_reward']:+.3f})")
-    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
-        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+    if run.master and stop:
+        print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {run.total_steps}; to go on, run the same "
+              f"command with --resume_from_checkpoint latest", flush=True)
+    elif run.master:
+        print(f"done: {state['step']} steps; checkpoints in {cfg.output_dir}")
+        for key in ("eval_reward", "eval_accuracy"):
+            if first_eval is not None and last_eval is not first_eval and key in last_eval:
+                print(f"held-out {key[5:]} (greedy, {min(len(run.val), cfg.eval_limit)} prompts): start {first_eval[key]:.3f} "
+                      f"-> end {last_eval[key]:.3f} ({last_eval[key] - first_eval[key]:+.3f})")
+    run.log.close()
+    if completions_file:
+        completions_file.close()
     if distributed:
         dist.destroy_process_group()
     return state
+
+
+def main(argv=None):
+    run = setup(parse_config(argv))
+    return train(run, lambda micro, sigterm: train_step(run, micro, sigterm))
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     steps with both parts trained (mu = 0.5) give the plain run's completions and losses; the phase timings are
     positive and add up to step_s."""
     cfg = train_chord.parse_config(SMALL + EXPERT + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
-    model = train_chord.load_model(cfg, torch.device("cpu"), False)[0]
+    model = train_grpo.load_model(cfg, torch.device("cpu"))[0]
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     common = SMALL + EXPERT + ["--max_steps", "2", "--save_steps", "0", "--chord_mu_peak", "0.5", "--chord_mu_valley", "0.5"]
     train_chord.main(common + ["--output_dir", str(tmp_path / "plain")])
@@ -292,8 +292,8 @@ def rl_file(tmp_path, n=6, drop_solution_at=None):
 def load_expert(args):
     cfg = train_chord.parse_config(args + ["--num_workers", "0"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
-    train, _, kept = train_chord.load_data(cfg, encoder, 0, 1, False)
-    return train, kept, train_chord.load_expert_data(cfg, encoder, train, kept, 0, 1, False)
+    train, _, kept = train_grpo.load_data(cfg, encoder, 0, 1)
+    return train, kept, train_chord.load_expert_data(cfg, encoder, train, kept, 0, 1)
 
 
 def test_expert_data_defaults(tmp_path):

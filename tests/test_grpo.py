@@ -225,7 +225,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
 
     cfg = train_grpo.parse_config(SMALL + ["--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"])
     cpu = torch.device("cpu")
-    model = train_grpo.load_model(cfg, cpu, False)[0]
+    model = train_grpo.load_model(cfg, cpu)[0]
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)
@@ -304,7 +304,7 @@ def test_rollout_completion_depends_only_on_its_seed():
 
     cfg = train_grpo.parse_config(["--num_generations", "2", "--max_completion_length", "6", "--top_k", "50"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
-    model = train_grpo.load_model(cfg, CPU, False)[0]
+    model = train_grpo.load_model(cfg, CPU)[0]
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
                                                                                    "colour does the circle have?"}])
@@ -318,8 +318,6 @@ def test_rollout_completion_depends_only_on_its_seed():
 
 @pytest.mark.parametrize("script, model_name, attention", [(train_grpo, "tiny-qwen2.5-vl", "varlen"),
                                                          (train_grpo, "tiny-qwen3-vl", "varlen"),
-                                                         (train_chord, "tiny-qwen2.5-vl", "varlen"),
-                                                         (train_chord, "tiny-qwen3-vl", "varlen"),
                                                          (train_grpo, "tiny-qwen2.5-vl", "eager")])
 def test_generate_matches_transformers_generate(script, model_name, attention, media):
     """generate (prefill into a static KV cache, then each token through the language model alone) completes left-padded
@@ -331,7 +329,7 @@ def test_generate_matches_transformers_generate(script, model_name, attention, m
 
     encoder = data.Encoder(data.resolve_model(model_name))
     cfg = script.parse_config(["--model", model_name, "--attn_implementation", attention])
-    model = script.load_model(cfg, CPU, False)[0].eval()
+    model = script.load_model(cfg, CPU)[0].eval()
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     longer = dataclasses.replace(samples[0], messages=[{"role": "user", "content": "<image>Look at the picture. Which "
                                                                                    "colour does the circle have?"}])
@@ -379,7 +377,7 @@ def test_cuda_graph_rollout_gives_the_eager_loops_completions():
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = train_grpo.shard_model(train_grpo.load_model(cfg, cuda, True)[0], cfg, cuda)
+        model = train_grpo.shard_model(train_grpo.load_model(cfg, cuda)[0], cfg, cuda)
         runs = {}
         for graph in (True, False):
             cfg.cuda_graph = graph
@@ -390,22 +388,22 @@ def test_cuda_graph_rollout_gives_the_eager_loops_completions():
     assert runs[True] == runs[False] and max(map(len, runs[True][0])) > 16
 
 
-@pytest.mark.parametrize("script", [train_grpo, train_chord])
-def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
+def test_sharded_rollout_gathers_each_unit_once(monkeypatch):
     """Under FSDP2 the rollout gathers every unit's weights once for the whole generation (not at every new token),
     gives the same completions as the unsharded policy, and leaves the units resharded as shard_model set them."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    script = train_grpo
     cfg = script.parse_config(["--num_generations", "2", "--max_completion_length", "6"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
     samples = data.load_dataset([data.demo_path("rl", "train") + "#1"], "rl", seed=0)
-    plain, _ = script.rollout(script.load_model(cfg, CPU, False)[0], encoder, samples, cfg, CPU, seeds=[1, 2])
+    plain, _ = script.rollout(script.load_model(cfg, CPU)[0], encoder, samples, cfg, CPU, seeds=[1, 2])
     gathers = count_gathers(monkeypatch)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = script.shard_model(script.load_model(cfg, CPU, True)[0], cfg, CPU)
+        model = script.shard_model(script.load_model(cfg, CPU)[0], cfg, CPU)
         gathers.clear()  # shard_model's own gather of every unit, once
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         sharded, _ = script.rollout(model, encoder, samples, cfg, CPU, seeds=[1, 2])
@@ -418,14 +416,14 @@ def test_sharded_rollout_gathers_each_unit_once(script, monkeypatch):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("script", [train_grpo, train_chord], ids=["grpo", "chord"])
-def test_logprob_passes_give_the_vision_tower_its_window_order(script, monkeypatch):
+def test_logprob_passes_give_the_vision_tower_its_window_order(monkeypatch):
     """The log-prob passes build Qwen2.5-VL's window order on the CPU (data.vision_windows) and hand it to the vision
     tower, which would otherwise build it from GPU tensors in every forward; the log-probabilities do not change."""
+    script = train_grpo
     cfg = script.parse_config([])
     encoder = data.Encoder(data.resolve_model(cfg.model))
     assert encoder.model_type == "qwen2_5_vl"
-    model = script.load_model(cfg, CPU, False)[0]
+    model = script.load_model(cfg, CPU)[0]
     samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
     examples = [script.completion_example(encoder(s, **script.PROMPT), [11, 12, 13], encoder) for s in samples]
     seen = []
@@ -450,14 +448,17 @@ def test_overlong_filter_masks_truncated_completions(monkeypatch):
     red, end = encoder.tokenizer.encode("red", add_special_tokens=False)[0], encoder.im_end
     completions = [[red, red, end], [red, red, red], [end], [red, red, red]]
     texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-    monkeypatch.setattr(train_grpo, "rollout", lambda *args, **kwargs: (completions, texts))
-    train = data.load_dataset([data.demo_path("rl", "train") + "#4"], "rl", seed=0)
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    prompts = [encoder(s, **train_grpo.PROMPT) for s in samples]
     for overlong_filter, keep in (("true", [True, False, True, False]), ("false", [True] * 4)):
         cfg = train_grpo.parse_config(["--num_generations", "2", "--per_device_train_batch_size", "4",
                                        "--max_completion_length", "3", "--overlong_filter", overlong_filter])
-        state = {"step": 0, "epoch": 0, "cursor": 0}
-        batch, generated = train_grpo.make_rollout(None, encoder, train, list(range(4)), cfg, state, CPU, 0, 1, False)
+        groups = train_grpo.make_groups(samples, prompts, completions, texts, torch.tensor([0.0, 1.0, 0.0, 1.0]), {}, 2)
+        generated = {}
+        train_grpo.note_completions(generated, groups, encoder)
         assert generated["truncated"] == [0.0, 1.0, 0.0, 1.0]
+        batch = {"groups": groups, "completion_ids": completions, "advantages": torch.zeros(4),
+                 "keep": train_grpo.loss_mask(groups, cfg, encoder)}
         assert batch["keep"].tolist() == keep
         assert train_grpo.micro_batches(batch, encoder, cfg, CPU)[0]["keep"].tolist() == keep  # what masks the loss
 
@@ -645,13 +646,12 @@ def test_unwritable_output_dir_stops_before_loading_anything(tmp_path, monkeypat
     assert not stale.exists()
 
 
-@pytest.mark.parametrize("module", ["train_grpo", "train_chord"])
-def test_trust_remote_code_reaches_from_pretrained(module, monkeypatch):
+def test_trust_remote_code_reaches_from_pretrained(monkeypatch):
     import importlib
 
     from transformers import AutoModelForImageTextToText
 
-    script, seen = importlib.import_module(module), []
+    script, seen = importlib.import_module("train_grpo"), []
 
     def from_pretrained(*args, **kwargs):
         seen.append(kwargs.get("trust_remote_code"))
@@ -660,9 +660,9 @@ def test_trust_remote_code_reaches_from_pretrained(module, monkeypatch):
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
     for trust in ("true", "false"):
         cfg = script.parse_config(["--trust_remote_code", trust])
-        for reference in (False, True):  # the policy and the frozen reference
-            with pytest.raises(StopIteration):
-                script.load_model(cfg, CPU, False, reference=reference)
+        for load in (lambda: script.load_model(cfg, CPU), lambda: script.load_reference(cfg, CPU, False)):
+            with pytest.raises(StopIteration):  # the policy and the frozen reference
+                load()
     assert seen == [True, True, False, False]
 
 
@@ -672,16 +672,16 @@ def test_full_disk_stops_before_loading_anything(module, tmp_path, monkeypatch):
     import collections
     import importlib
 
-    script = importlib.import_module(module)
+    script, grpo = importlib.import_module(module), importlib.import_module("train_grpo")  # CHORD runs GRPO's setup
 
     def load_model(*args, **kwargs):
         raise AssertionError("loaded a model before checking the disk")
 
-    monkeypatch.setattr(script, "load_model", load_model)
+    monkeypatch.setattr(grpo, "load_model", load_model)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(script.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(grpo.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(SystemExit, match=r"GiB free, about .* GiB needed for 3 checkpoint"):
         script.main(FAST + ["--output_dir", str(tmp_path / "run")])
-    monkeypatch.setattr(script.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    monkeypatch.setattr(grpo.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     with pytest.raises(AssertionError, match="loaded a model"):  # enough room: the run goes on to load the model
         script.main(FAST + ["--output_dir", str(tmp_path / "run")])
