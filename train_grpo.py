@@ -73,16 +73,21 @@ class Config:
     reward_timeout: float = 0.0  # seconds a reward function may take on one batch (0: no limit; see rewards.py)
     reward_error: str = "raise"  # a reward raises, times out or returns NaN: raise (stop the run) | skip (None, counted)
     scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by (none: Dr. GRPO)
+    advantage_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus: the baseline (see group_advantages)
     dynamic_sample: bool = False  # DAPO: replace groups whose rewards all agree (no signal) with new prompts
     max_resample_times: int = 3  # extra rounds of prompts per step for dynamic_sample
     overlong_filter: bool = False  # DAPO: completions cut at max_completion_length get no loss
     # loss
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo (see grpo_loss)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo (see grpo_loss)
+    tau_pos: float = 1.0  # sapo: the soft gate's temperature for tokens of completions with A > 0
+    tau_neg: float = 1.05  # sapo: ... with A <= 0 (sharper: the paper finds negative updates the less stable)
     beta: float = 0.0  # KL to the reference; 0 (DAPO, Dr. GRPO, TRL's default) loads no reference model
     epsilon: float = 0.2  # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
     epsilon_high: float | None = None  # default: epsilon; DAPO's clip-higher: 0.28
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1  # updates per rollout (GRPO's mu); > 1 computes the sampling policy's logps once
+    top_entropy_quantile: float = 1.0  # < 1: only this fraction of the step's completion tokens (the highest-entropy
+    # ones) get the policy loss ("Beyond the 80/20 rule": 0.2); 1: every token (see entropy_mask)
     # what is trained
     train_type: str = "full"  # full | lora
     lora_rank: int = 8
@@ -163,12 +168,17 @@ def read_config(config_class, argv):
 
 def parse_config(argv=None, config_class=Config):
     cfg = read_config(config_class, argv)
-    choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo"), "scale_rewards": ("group", "batch", "none"),
+    choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"), "scale_rewards": ("group", "batch", "none"),
+               "advantage_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
                "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
                "reward_error": ("raise", "skip"), "master_dtype": ("float32", "bfloat16")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    if not 0 < cfg.top_entropy_quantile <= 1:
+        raise SystemExit(f"--top_entropy_quantile {cfg.top_entropy_quantile}: the fraction of tokens kept, in (0, 1]")
+    if cfg.tau_pos <= 0 or cfg.tau_neg <= 0:
+        raise SystemExit(f"--tau_pos {cfg.tau_pos} --tau_neg {cfg.tau_neg}: SAPO's temperatures must be > 0")
     if cfg.temperature <= 0:
         raise SystemExit("--temperature must be > 0: completions are sampled, and the loss scores the policy at that temperature")
     if cfg.num_generations < 2:
@@ -356,17 +366,14 @@ def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
 @torch.no_grad()
 def rollout(model, encoder, samples, cfg, device, greedy=False, prompts=None, seeds=None):
     """Complete each prompt sample num_generations times (once if greedy) with the policy itself, sampled with
-    --temperature/--top_p/--top_k/--repetition_penalty. -> (completion_ids, texts), prompt-major. A completion ends
-    with <|im_end|> (kept: the policy learns to stop) or is cut at max_completion_length. Batched generate calls
-    (generate) over left-padded rows; each prompt is encoded (media decoded, resized, patchified) once and its row
-    repeated. `prompts`: the samples already encoded. `seeds`: one per completion (SeededSampler; default: drawn
-    from the global torch RNG). A vLLM backend would take the same samples and seeds and return the same two lists."""
+    --temperature/--top_p/--top_k/--repetition_penalty, each completion from its own seed (SeededSampler).
+    -> (completion_ids, texts), prompt-major. A completion ends with <|im_end|> (kept: the policy learns to stop) or
+    is cut at max_completion_length. Batched generate calls over left-padded rows; each prompt is encoded (media
+    decoded, resized, patchified) once and its row repeated. `prompts`: the samples already encoded."""
     from torch.distributed.fsdp import FSDPModule
 
     prompts = prompts or [encoder(s, **PROMPT) for s in samples]
     rows = [p for p in prompts for _ in range(1 if greedy else cfg.num_generations)]
-    if not greedy and seeds is None:
-        seeds = torch.randint(2**62, (len(rows),)).tolist()
     tokenizer, stop = encoder.tokenizer, stop_tokens(encoder)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[-1]
     # vision placeholders are never sampled: the model would look for an image that is not there
@@ -560,14 +567,28 @@ def has_signal(group):
 # ----------------------------------------------------------------------------------------------------------------
 # Advantages
 
-def group_advantages(rewards, num_generations, scale_rewards="group"):
+def group_advantages(rewards, num_generations, scale_rewards="group", estimator="grpo"):
     """GRPO's group-relative advantage with outcome rewards (Shao et al. 2024, DeepSeekMath §4.1.2):
     A_i = (r_i - mean(group)) / (std(group) + 1e-4), for every token of completion i; the group mean is the baseline,
     so no value model is needed. rewards: [N], each prompt's completions consecutive. scale_rewards: group (as
     written), batch (the std of all N rewards: groups that barely differ are not blown up) or none (Dr. GRPO, Liu et al.
-    2025 §3.1: dividing by the group std weights too-easy and too-hard prompts up)."""
+    2025 §3.1: dividing by the group std weights too-easy and too-hard prompts up). Stds are unbiased (torch.std).
+    estimator: the baseline.
+      grpo                 the group mean, as above
+      rloo                 the mean of the group's other G - 1 rewards (RLOO, Ahmadian et al. 2024, "Back to Basics"):
+                           a baseline that does not depend on r_i, so the estimate is unbiased; r_i - mean(others) is
+                           G / (G - 1) * (r_i - mean(group)). Then divided as scale_rewards says
+      reinforce_plus_plus  c_i = r_i - mean(group), then (c_i - mean(c)) / (std(c) + 1e-4) over all N (REINFORCE++
+                           with the group baseline, Hu et al. 2025: normalised over the global batch, which the caller
+                           passes); scale_rewards does not apply"""
     grouped = rewards.view(-1, num_generations)
     centred = (grouped - grouped.mean(1, keepdim=True)).flatten()
+    if estimator == "rloo":
+        centred = centred * num_generations / (num_generations - 1)
+    elif estimator == "reinforce_plus_plus":
+        return (centred - centred.mean()) / (centred.std() + 1e-4)
+    elif estimator != "grpo":
+        raise ValueError(f"estimator must be grpo, rloo or reinforce_plus_plus, got {estimator!r}")
     if scale_rewards == "none":
         return centred
     if scale_rewards == "group":
@@ -635,7 +656,8 @@ def completion_rows(batch, step):
 # Loss
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsilon_high, loss_type,
-              importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None):
+              importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None, tau_pos=1.0,
+              tau_neg=1.05, policy_mask=None):
     """The clipped surrogate loss of GRPO and its variants -> (loss, metrics).
 
     logps, old_logps, ref_logps, mask: [B, T] per completion token (old: the policy that sampled the completions;
@@ -645,7 +667,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
     Per-token loss: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta KL_t (GRPO eq. 3 with DAPO's decoupled
     clip-higher bound, Yu et al. 2025 §3.1); cispo: -sg(min(r, 1 + epsilon_high)) A logp_t + beta KL_t (MiniMax-M1
     2025 §3.1: the weight is clipped and detached, so no token loses its gradient as under the PPO clip; TRL and
-    ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...)).
+    ms-swift pass the cap itself as epsilon_high, here the cap is 1 + epsilon_high, as in the paper's clip(r, ...));
+    sapo: -f(r) A + beta KL_t with f(r) = (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos where A > 0 else tau_neg (SAPO,
+    Gao et al. 2025, arXiv 2511.20347): a soft gate instead of the hard clip; f'(1) = 1, so on policy the gradient is
+    the plain policy gradient, and it fades smoothly (4 s (1 - s), s = sigmoid(tau (r - 1))) as r leaves 1.
+    policy_mask: bool [B, T] or None: only these tokens get the policy term (the high-entropy ones, entropy_mask);
+    the KL term and the normalisers below still cover `mask` (as TRL does, and "Beyond the 80/20 rule"'s objective).
     KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
     Aggregation (loss_type), with S = the sum of per-token loss * mask:
       grpo     mean over each completion's tokens, then over the B completions (GRPO eq. 3)
@@ -655,10 +682,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
                step (counted before the first backward), so a token weighs the same however the batch is split
                (DAPO §3.3); None: this batch's tokens
       cispo    as dapo (MiniMax-M1's objective normalises by the batch's tokens)
+      sapo     as dapo (the SAPO paper's token-level average)
     With old_logps = logps.detach() (num_iterations 1) the ratio is 1 and the gradient is REINFORCE with the group mean
     as the baseline: d loss / d logp_t = -A / normaliser.
     Metrics: kl (token mean; 0 when beta is 0); clip_low, clip_high, clip_region: the fraction of tokens whose gradient
-    the clip removed (ratio below 1 - epsilon with A < 0, above 1 + epsilon_high with A > 0; cispo: weight capped)."""
+    the clip removed (ratio below 1 - epsilon with A < 0, above 1 + epsilon_high with A > 0; cispo: weight capped;
+    sapo: always 0, it has no hard clip)."""
     mask = mask.to(logps.dtype)
     advantages = advantages[:, None]
     log_ratio = logps - old_logps
@@ -670,9 +699,16 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
     if loss_type == "cispo":
         per_token_loss = -torch.clamp(ratio, max=1 + epsilon_high).detach() * advantages * logps
         clipped_low, clipped_high = torch.zeros_like(ratio, dtype=torch.bool), ratio > 1 + epsilon_high
+    elif loss_type == "sapo":
+        tau = torch.where(advantages > 0, tau_pos, tau_neg).to(logps.dtype)
+        per_token_loss = -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * advantages
+        clipped_low = clipped_high = torch.zeros_like(ratio, dtype=torch.bool)
     else:
         per_token_loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantages)
         clipped_low, clipped_high = (ratio < 1 - epsilon) & (advantages < 0), (ratio > 1 + epsilon_high) & (advantages > 0)
+    if policy_mask is not None:
+        per_token_loss = per_token_loss * policy_mask.to(logps.dtype)
+        clipped_low, clipped_high = clipped_low & policy_mask, clipped_high & policy_mask
     kl = torch.zeros_like(logps)
     if beta != 0:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
@@ -686,13 +722,39 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
         if max_completion_length is None:
             raise ValueError("loss_type dr_grpo needs max_completion_length")
         loss = summed / (logps.shape[0] * max_completion_length)
-    elif loss_type in ("dapo", "cispo"):
+    elif loss_type in ("dapo", "cispo", "sapo"):
         loss = summed / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
     else:
-        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo, dapo or cispo, got {loss_type!r}")
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo, dapo, cispo or sapo, got {loss_type!r}")
     mean = lambda x: ((x.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)).detach()
     return loss, {"kl": mean(kl), "clip_low": mean(clipped_low), "clip_high": mean(clipped_high),
                   "clip_region": mean(clipped_low | clipped_high)}
+
+
+def entropy_threshold(entropies, quantile):
+    """The (1 - quantile) quantile of a flat tensor of entropies, as torch.quantile computes it (linear interpolation
+    between the two nearest ranks) but without its limit of 2^24 values, which a step of long completions on many
+    GPUs passes. No values (no token carries loss): 0, and no token needs it."""
+    values = entropies.sort().values
+    if len(values) == 0:
+        return entropies.new_zeros(())
+    rank = (1 - quantile) * (len(values) - 1)
+    low = math.floor(rank)
+    return torch.lerp(values[low], values[min(low + 1, len(values) - 1)], rank - low)
+
+
+def entropy_mask(entropies, mask, quantile, threshold=None):
+    """The tokens that get the policy loss under --top_entropy_quantile rho (Wang et al. 2025, "Beyond the 80/20 rule:
+    high-entropy minority tokens drive effective RL for LLM reasoning", arXiv 2506.01939: the forking tokens, where
+    the policy hesitates, carry the learning). entropies, mask: [B, T] -> bool [B, T]: True for the tokens of `mask`
+    whose entropy is at least the (1 - rho) quantile of the masked entropies (entropy_threshold); rho 1: mask itself.
+    threshold: that quantile taken over more tokens than these (the loop's: every process's tokens of the step)."""
+    mask = mask.bool()
+    if quantile >= 1:
+        return mask
+    if threshold is None:
+        threshold = entropy_threshold(entropies[mask], quantile)
+    return mask & (entropies >= threshold)
 
 
 # Log-probabilities of completion tokens: prompt + completion packed into one row, the vocabulary projected for the
@@ -775,11 +837,20 @@ def micro_batches(batch, encoder, cfg, device):
 def fixed_logps(model, reference, micro, cfg, device):
     """What stays fixed while a rollout is trained on, computed in eval mode: the sampling policy's logps (only for
     num_iterations > 1: otherwise the policy has not moved, and the loss takes the detached current ones) and the
-    reference's (beta != 0)."""
+    reference's (beta != 0); with --top_entropy_quantile < 1, the sampling policy's entropies, which pick the tokens
+    that get the policy loss (entropy_mask) in every update of the rollout."""
     model.eval()
+    high_entropy = cfg.top_entropy_quantile < 1
     for mb in micro:
-        if cfg.num_iterations > 1:
-            mb["old_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
+        # with num_iterations 1 and high_entropy this pass runs for the entropies alone: one more no-grad forward a
+        # rollout, so that the step's threshold (every process's tokens) is known before the first backward
+        if cfg.num_iterations > 1 or high_entropy:
+            logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature,
+                                                    high_entropy)
+            if cfg.num_iterations > 1:
+                mb["old_logps"] = logps
+            if high_entropy:
+                mb["entropy"], mb["token_mask"] = entropy, mask & mb["keep"][:, None]
         if cfg.beta != 0 and reference is not None:
             mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
         elif cfg.beta != 0:
@@ -791,12 +862,17 @@ def fixed_logps(model, reference, micro, cfg, device):
 def micro_batch_loss(model, mb, num_items, num_micro, cfg, device, world_size):
     """GRPO's loss on one micro-batch, scaled so that the gradients of every micro-batch of every process add up to
     the global batch's -> (loss, its metrics as sums over the micro-batch's tokens)."""
-    dapo_like = cfg.loss_type in ("dapo", "cispo")
+    dapo_like = cfg.loss_type in ("dapo", "cispo", "sapo")
     logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True)
     mask = mask & mb["keep"][:, None]
+    # --top_entropy_quantile < 1: only the tokens at or above the step's threshold (train: every process's tokens) get
+    # the policy loss, picked by fixed_logps' entropies
+    policy_mask = (entropy_mask(mb["entropy"], mask, cfg.top_entropy_quantile, mb["entropy_threshold"])
+                   if "entropy_threshold" in mb else None)
     loss, m = grpo_loss(logps, mb.get("old_logps", logps.detach()), mb.get("ref_logps"), mb["advantages"], mask,
                         cfg.beta, cfg.epsilon, cfg.epsilon_high, cfg.loss_type, cfg.importance_sampling_level,
-                        cfg.max_completion_length, num_items if dapo_like else None)
+                        cfg.max_completion_length, num_items if dapo_like else None, tau_pos=cfg.tau_pos,
+                        tau_neg=cfg.tau_neg, policy_mask=policy_mask)
     if not dapo_like:
         loss = loss / (num_micro * world_size)  # the mean over every micro-batch of every process
     n = mask.sum()
@@ -808,6 +884,21 @@ def completion_tokens(micro, device, distributed):
     it). From host values: no sync."""
     tokens = sum(sum(n for n, k in zip(mb["lengths"], mb["keep"].tolist()) if k) for mb in micro)
     return all_reduce(torch.full((), float(tokens), device=device), distributed).clamp(min=1)
+
+
+def step_entropy_threshold(micro, quantile, distributed):
+    """--top_entropy_quantile's threshold for the step (entropy_mask): the (1 - quantile) quantile of the entropies
+    (fixed_logps') of every process's completion tokens that carry loss, known before any backward. Processes hold
+    different numbers of tokens: each sends its own, padded to the most any holds."""
+    mine = torch.cat([mb["entropy"][mb["token_mask"]] for mb in micro])
+    if distributed:
+        sizes = [torch.zeros(1, dtype=torch.long, device=mine.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([len(mine)], device=mine.device))
+        sizes = [int(n) for n in sizes]
+        padded = [mine.new_zeros(max(sizes)) for _ in sizes]
+        dist.all_gather(padded, torch.cat([mine, mine.new_zeros(max(sizes) - len(mine))]))
+        mine = torch.cat([p[:n] for p, n in zip(padded, sizes)])
+    return entropy_threshold(mine, quantile)
 
 
 def train_step(run, micro, sigterm=False):
@@ -1156,12 +1247,14 @@ def train(run, update):
         if cfg.dynamic_sample:  # informative groups first
             groups = sorted(groups, key=lambda g: not has_signal(g))
         groups = groups[: run.prompts_per_rank]
-        # advantages over the global batch (a group never straddles processes; "batch" scaling needs every reward)
+        # advantages over the global batch (a group never straddles processes; "batch" scaling and reinforce_plus_plus
+        # need every reward)
         my_rewards = torch.cat([g["rewards"] for g in groups])
         everything = torch.tensor(gather_lists({"r": my_rewards.tolist()}, distributed)["r"])
         n = len(my_rewards)
+        advantages = group_advantages(everything, G, cfg.scale_rewards, cfg.advantage_estimator)
         batch = {"groups": groups, "completion_ids": [c for g in groups for c in g["completion_ids"]],
-                 "advantages": group_advantages(everything, G, cfg.scale_rewards)[rank * n : (rank + 1) * n],
+                 "advantages": advantages[rank * n : (rank + 1) * n],
                  "keep": loss_mask(groups, cfg, encoder)}
         if cfg.log_completions:
             rows = gather_lists({"rows": completion_rows(batch, state["step"])}, distributed)["rows"]
@@ -1172,6 +1265,11 @@ def train(run, update):
         rollout_end = clock()
         micro = micro_batches(batch, encoder, cfg, device)
         fixed_logps(run.model, run.reference, micro, cfg, device)
+        if cfg.top_entropy_quantile < 1:  # one threshold for the rollout's updates, over every process's tokens
+            threshold = step_entropy_threshold(micro, cfg.top_entropy_quantile, distributed)
+            for mb in micro:
+                mb["entropy_threshold"] = threshold
+            stats["entropy_threshold"] = threshold.item()
         logprob_end = clock()
         # every prompt + completion token goes through each update (counted on the host: no wait for the device)
         stats.update(rollout_s=rollout_end - start, logprob_s=logprob_end - rollout_end,
