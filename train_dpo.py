@@ -16,6 +16,7 @@ The reference policy: with LoRA, the same model with its adapters switched off (
 fine-tuning, a frozen copy of the starting model (sharded like the policy); with --precompute_ref_logps, one pass
 before training stores every pair's reference log-probabilities, and no reference model is kept at all.
 """
+import fnmatch
 import hashlib
 import json
 import math
@@ -24,11 +25,12 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -40,9 +42,9 @@ class Config:
     # model and data
     model: str = "outputs/sft_short/checkpoint-60"  # a checkpoint folder (the demo's SFT run), hub id or tiny model name
     trust_remote_code: bool = False  # let transformers run Python code shipped with the model (only for repos you trust)
-    dataset: list[str] = field(default_factory=lambda: ["demo"])  # pair files, each optionally `file%50` or `file#2000`;
-    # "demo": 960 of the demo task's pairs, one epoch of which is the CPU demo (120 steps, under 3 minutes on 2 cores)
-    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo task's held-out pairs
+    dataset: list[str] = field(default_factory=lambda: ["demo#960"])  # pair files, each optionally `file%50` or
+    # `file#2000`; "demo#960": 960 demo pairs, one epoch of which is the CPU demo (120 steps, under 3 minutes)
+    val_dataset: list[str] = field(default_factory=lambda: ["demo"])  # "demo": the demo's held-out pairs (demo runs)
     split_dataset_ratio: float = 0.0  # hold out this fraction of --dataset for validation instead
     media_root: str | None = None  # media paths are absolute, relative to this, or relative to the data file
     skip_bad_records: bool = False  # drop bad records (and report their count) instead of stopping at the first
@@ -115,31 +117,33 @@ class Config:
     config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
 
-def parse_config(argv=None):
+def read_config(config_class, argv):
+    """The command line (argv; None: sys.argv) parsed into config_class, over the defaults of `--config file`."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(Config)
+    parser = HfArgumentParser(config_class)
     argv = sys.argv[1:] if argv is None else argv
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
         with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                defaults = yaml.safe_load(f)
-            else:
-                defaults = json.load(f)
-        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
+            defaults = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        unknown = set(defaults) - {f.name for f in fields(config_class)}
         if unknown:
             raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
         parser.set_defaults(**defaults)
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def parse_config(argv=None):
+    cfg = read_config(Config, argv)
     if cfg.loss_type not in ("sigmoid", "ipo", "hinge"):
         raise SystemExit(f"--loss_type {cfg.loss_type!r}: choose sigmoid, ipo or hinge")
     if cfg.master_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--master_dtype {cfg.master_dtype}: use float32 or bfloat16")
     if cfg.learning_rate is None:
         cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 5e-4
+    cfg.val_dataset = [name for name in cfg.val_dataset if name]  # `--val_dataset ""`: no validation set
     return cfg
 
 
@@ -192,21 +196,11 @@ def setup_distributed():
     return distributed, rank, world_size, device
 
 
-def all_reduce_sum(x, distributed):
+def all_reduce(x, distributed, op="sum"):
+    """x summed (op "sum") or maximised (op "max") over the processes, in place; x itself without a group."""
     if distributed:
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
-
-
-def clip_grad_norm(model, max_norm, device, distributed):
-    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
-    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads).to(device)
-    if distributed:  # each process holds a shard of every gradient
-        norm = all_reduce_sum(norm.float().square(), distributed).sqrt()
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
-    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,7 +236,7 @@ def checkpoint_size(cfg):
     """Rough bytes of one checkpoint, from the parameter count in the model's safetensors headers (no weights read);
     0 (no check) for a hub id: only a local folder is measured. Full: fp32 weights (trainable weights are kept in
     fp32) and AdamW's two fp32 moments, 12 bytes a parameter. LoRA: the same for the adapters, which give a d x d
-    weight 2 x rank x d weights: at most 2 rank / d of the model. (The reference model and its log-probabilities are never saved.)"""
+    weight 2 x rank x d weights: at most 2 rank / d of the model."""
     from safetensors import safe_open
 
     path = data.resolve_model(cfg.model)
@@ -262,27 +256,15 @@ def checkpoint_size(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: a pair is one Sample whose messages end with the chosen reply and whose `rejected` is the other reply
 
-def load_data(cfg, encoder, rank, world_size, distributed):
-    def specs(names, split):  # `--val_dataset ""` gives no validation set
-        return [data.demo_path("dpo", split) + ("#960" if split == "train" else "") if n == "demo" else n for n in names if n]
-
-    load = lambda names, split: data.load_dataset(specs(names, split), "dpo", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    train = load(cfg.dataset, "train")
-    if cfg.split_dataset_ratio > 0:
-        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
-    else:
-        val = load(cfg.val_dataset, "val") if specs(cfg.val_dataset, "val") else []
-    # every pair is encoded once up front (both replies), each process taking a share: bad records are found now
-    shard = [train[i] for i in range(rank, len(train), world_size)]
-    rejected = [rejected_sample(s) for s in shard]
-    kept_c, _, _ = data.measure_lengths(shard, encoder, cfg.skip_bad_records, cfg.num_workers)
-    kept_r, _, _ = data.measure_lengths(rejected, encoder, cfg.skip_bad_records, cfg.num_workers)
-    kept = [rank + i * world_size for i in sorted(set(kept_c) & set(kept_r))]
-    if distributed:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, kept)
-        kept = sorted(i for part in gathered for i in part)
-    return train, val, kept
+def load_data(cfg, encoder, rank, world_size):
+    """-> (training pairs, validation pairs, kept training indices). Every pair is encoded once up front (both
+    replies), the processes sharing the work: bad records are found now."""
+    train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "dpo", cfg.seed,
+                                     cfg.media_root, cfg.skip_bad_records)
+    measure = lambda samples: data.measure_lengths(samples, encoder, cfg.skip_bad_records, cfg.num_workers,
+                                                   rank=rank, world_size=world_size)[0]
+    kept = set(measure(train)) & set(measure([rejected_sample(s) for s in train]))
+    return train, val, sorted(kept)
 
 
 def rejected_sample(sample):
@@ -331,12 +313,6 @@ class PairDataset(torch.utils.data.Dataset):
         return batch
 
 
-def make_plan(kept, batch_size, seed, epoch, rank, world_size):
-    """One epoch's micro-batches for one rank: lists of `batch_size` pair indices, shuffled with (seed, epoch), so a
-    resumed run sees the same order; every rank gets the same number of micro-batches."""
-    return data.make_plan(kept, [0] * len(kept), batch_size, False, 0, seed, epoch, rank, world_size)
-
-
 def spread(indices, batch_size, rank, world_size):
     """For a pass over every index (reference scores, evaluation): this rank's share in micro-batches, as many on every
     rank (FSDP needs all of them in each forward); a rank short of pairs gets [] and runs a stand-in batch for it."""
@@ -352,6 +328,7 @@ def make_loader(cfg, samples, encoder, plan):
 
 
 def init_worker(save_on_sigterm):
+    torch.set_num_threads(1)  # workers must not oversubscribe cores
     if save_on_sigterm:  # torchrun and SLURM signal the whole process group: a worker that died would break the save
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (workers still end with their loader, or with the main process)
 
@@ -359,34 +336,30 @@ def init_worker(save_on_sigterm):
 # ----------------------------------------------------------------------------------------------------------------
 # Model: the policy, and the reference copy for full fine-tuning
 
-def load_model(cfg, device, distributed, weights=None, reference=False):
-    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied;
-    or, with reference=True, a frozen copy of cfg.model in eval mode (no dropout: it only scores)."""
+def pretrained(cfg, path, dtype):
+    """The Hugging Face model at `path`, in `dtype`, with --attn_implementation and no KV cache (training)."""
     from transformers import AutoModelForImageTextToText
 
-    path = data.resolve_model(cfg.model)
-    if cfg.model == Config.model and not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: the demo starts from a short SFT run; make it with\n"
-                         f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
-    # GPU: frozen weights (and the reference) in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts
-    # to bf16 for compute, see shard_model); CPU: fp32 throughout, unless the policy's master weights are bf16
-    dtype = torch.bfloat16 if device.type == "cuda" or (cfg.master_dtype == "bfloat16" and not reference) else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(weights or path, dtype=dtype, attn_implementation=attn_implementation,
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation == "varlen":
         data.use_varlen_attention(model)
     model.config.use_cache = False
-    if reference:
-        return model.requires_grad_(False).eval().to(device)
+    return model
+
+
+def load_model(cfg, device, weights=None):
+    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA, freezing, the
+    trainable weights in --master_dtype and gradient checkpointing. -> (model, trainable parameters, all parameters)"""
+    # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
+    # shard_model); CPU: fp32 throughout, unless the master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
+    model = pretrained(cfg, weights or data.resolve_model(cfg.model), dtype)
     if cfg.train_type == "lora":
-        targets = cfg.target_modules
-        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
-    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
-    for p in model.parameters():
-        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates
-            p.data = p.data.float()
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
+    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
+                                          master_dtype=getattr(torch, cfg.master_dtype))
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -395,30 +368,40 @@ def load_model(cfg, device, distributed, weights=None, reference=False):
     return model.to(device), trainable, total
 
 
-def shard_model(model, cfg, device, reference=False):
+def load_reference(cfg, device, distributed):
+    """A frozen copy of cfg.model in eval mode (no dropout: it only scores), bf16 on the GPU; sharded like the policy,
+    but always resharding (it runs forward only) and never offloaded."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reference = pretrained(cfg, data.resolve_model(cfg.model), dtype).requires_grad_(False).eval().to(device)
+    if distributed:
+        reference = shard_model(reference, replace(cfg, fsdp_reshard_after_forward=True, offload_optimizer=False), device)
+    return reference
+
+
+def shard_model(model, cfg, device):
     """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
-    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (trainable ones are fp32
-    since load_model; frozen ones stay bf16, which halves the memory of a LoRA base). The reference, all frozen, stays
-    bf16 and always reshards: it runs forward only."""
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded master parameters (trainable ones are in
+    --master_dtype since load_model; frozen ones stay bf16, which halves the memory of a LoRA base)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-              "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
+              "reshard_after_forward": cfg.fsdp_reshard_after_forward}
     if cfg.offload_optimizer:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
-    # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
-    # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
-    # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
+    # the vision blocks get their rotary cos/sin in fp32 and keep them, as transformers computes them. Needed while
+    # requirements.txt allows torch < 2.13, which does not cast a unit's inputs when activation checkpointing
+    # recomputes it: a forward-only cast made the recompute differ (and compiled blocks fail checkpointing's check)
     vision = {**kwargs, "mp_policy": replace(kwargs["mp_policy"], cast_forward_inputs=False)}
     for block in model.model.visual.blocks:
         fully_shard(block, **vision)
     fully_shard(model, **kwargs)
-    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
-    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
-    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
+    # each unit gathers once now: with bf16 compute FSDP2 accumulates micro-batch gradients in fp32 through every
+    # unit's gathered parameters, which a unit that has never run forward (the vision blocks on text-only data) does
+    # not have yet (AttributeError '_unsharded_param'). Still so in torch 2.13: drop the loop once the oldest torch
+    # requirements.txt allows passes test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran without it
     for unit in [model, *model.model.language_model.layers, *model.model.visual.blocks]:
         unit.unshard()
         unit.reshard()
@@ -435,24 +418,47 @@ def model_inputs(batch, device):
             for k in keys if batch.get(k) is not None}
 
 
-def chunk_logps(logits, targets):
-    return torch.gather(logits.float().log_softmax(-1), 1, targets[:, None]).squeeze(1)
+def chunk_logps(logits, targets, temperature=1.0, with_entropy=False):
+    """-> (log-probabilities of targets [n] at `temperature`, each position's entropy [n] if asked, else None)"""
+    logps = (logits.float() if temperature == 1 else logits.float() / temperature).log_softmax(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # logged, not trained on
+            entropy = -(logps.exp() * logps).sum(-1)
+    return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
 
 
-def sequence_logps(model, batch, device, chunk_size=1024):
-    """-> (summed reply log-probability of every sequence of the packed row [S], labelled tokens per sequence [S])."""
-    labels = batch["labels"][0].to(device)
-    keep = (labels != data.IGNORE).nonzero().squeeze(1)
+def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk_size=1024):
+    """-> (log-probabilities of the labelled tokens [N], row by row, their entropies [N] if asked, else None).
+    Positions are shared across the batch rows. Which tokens are labelled is read from the labels while they are
+    still on the CPU, so the host never waits for the GPU here."""
+    labelled = batch["labels"] != data.IGNORE
+    keep = labelled.any(0).nonzero().squeeze(1)  # columns with a label in some row
+    # index_select/masked_select, not [:, keep][mask]: CPU advanced indexing of an 8k-token row takes ~8 ms a call
+    labelled = labelled.index_select(1, keep)
+    targets = batch["labels"].index_select(1, keep).masked_select(labelled).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(**model_inputs(batch, device), logits_to_keep=keep, use_cache=False).logits[0]
-    targets = labels[keep]
-    logps = torch.cat([checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
-                       for i in range(0, len(targets), chunk_size)])
-    # the sequence each labelled position belongs to: cu_seqlens marks where each sequence of the row starts
-    cu_seqlens = batch["cu_seqlens"].to(device)
-    sequence = torch.searchsorted(cu_seqlens[1:], keep, right=True)
-    sums = logps.new_zeros(len(cu_seqlens) - 1).index_add(0, sequence, logps)
-    return sums, torch.bincount(sequence, minlength=len(cu_seqlens) - 1)
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device), use_cache=False).logits
+    if len(logits) == 1:  # one row (packed): a label in every kept column
+        logits = logits[0]
+    else:  # padded rows: the labelled positions, indexed from the CPU's mask (a boolean index on the GPU would sync)
+        logits = logits.flatten(0, 1).index_select(0, labelled.flatten().nonzero().squeeze(1).to(device))
+    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, with_entropy,
+                      use_reentrant=False) for i in range(0, len(targets), chunk_size)]
+    if not out:  # nothing labelled
+        return logits.new_zeros(0), logits.new_zeros(0) if with_entropy else None
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if with_entropy else None
+
+
+def sequence_logps(model, batch, device):
+    """-> (summed reply log-probability of every sequence of the packed row [S], labelled tokens per sequence [S])."""
+    logps, _ = token_logps(model, batch, device)
+    # the sequence each labelled position belongs to (cu_seqlens marks where each starts), found on the CPU
+    sequence = torch.searchsorted(batch["cu_seqlens"][1:], (batch["labels"][0] != data.IGNORE).nonzero().squeeze(1),
+                                  right=True)
+    count = len(batch["cu_seqlens"]) - 1
+    sums = logps.new_zeros(count).index_add(0, sequence.to(device), logps)
+    return sums, torch.bincount(sequence, minlength=count).to(device)
 
 
 @torch.no_grad()
@@ -492,7 +498,7 @@ def precompute_reference(model, samples, indices, encoder, cfg, device, rank, wo
         if pairs:
             table[batch["index"]] = torch.stack([chosen, rejected], 1).float().cpu()
     model.train()
-    table = all_reduce_sum(table.to(device), distributed).cpu()  # each pair was scored by one rank, zeros elsewhere
+    table = all_reduce(table.to(device), distributed).cpu()  # each pair was scored by one rank, zeros elsewhere
     if rank == 0:
         torch.save(table, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -526,8 +532,64 @@ def summarise(sums, cfg, prefix=""):
     return {prefix + k: v for k, v in out.items()}
 
 
+def pair_losses(model, ref_model, ref_table, batch, cfg, device):
+    """One packed micro-batch of pairs -> (per-pair DPO losses [P], the chosen sequences' logps [P], its STATS sums)."""
+    ref_chosen, ref_rejected = reference_logps(model, ref_model, ref_table, batch, device)
+    logps, tokens = sequence_logps(model, batch, device)
+    chosen, rejected = logps.chunk(2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
+                                                        cfg.loss_type, cfg.label_smoothing)
+    return losses, chosen, pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
+
+
+def train_step(model, ref_model, ref_table, micro_batches, cfg, device, world_size, distributed):
+    """Forward and backward every micro-batch of one step. -> (this process's loss, its STATS sums)."""
+    # the loss is a mean over the pairs (and, for --rpo_alpha, the chosen tokens) of the whole global batch
+    counts = torch.tensor([[len(b["index"]), b["chosen_tokens"]] for b in micro_batches], dtype=torch.float).sum(0)
+    n_pairs, n_chosen_tokens = all_reduce(counts.to(device), distributed)  # (the division stays on the device: no sync)
+    step_loss, step_sums = torch.zeros((), device=device), torch.zeros(len(STATS), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        if distributed:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce gradients once per step
+        losses, chosen, sums = pair_losses(model, ref_model, ref_table, batch, cfg, device)
+        loss = losses.sum() / n_pairs
+        if cfg.rpo_alpha:
+            loss = loss + cfg.rpo_alpha * -chosen.sum() / n_chosen_tokens
+        (loss * world_size).backward()  # FSDP averages gradients over processes
+        step_loss += loss.detach()
+        step_sums += sums
+    return step_loss, step_sums
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule, evaluation, checkpoints
+# Step and schedule
+
+def clip_grad_norm(model, max_norm, device, distributed):
+    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
+    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).to(device)
+    if distributed:  # each process holds a shard of every gradient
+        norm = all_reduce(norm.float().square(), distributed).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+    return norm
+
+
+def optimizer_step(model, optimizer, scheduler, loss, cfg, device, distributed, sigterm):
+    """Clip, then update unless the loss (this process's, a tensor) or the gradient norm is NaN/inf on any process:
+    a skipped step leaves the weights and AdamW's moments as they were; the schedule moves on either way. The step's
+    one host sync reads the norm and those flags and SIGTERM (`sigterm`: this process got one) from every process.
+    -> (gradient norm, skipped, stop: some process got SIGTERM)"""
+    grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
+    finite = torch.isfinite(loss.to(device)) & torch.isfinite(grad_norm)
+    flags = all_reduce(torch.stack([~finite, finite.new_tensor(sigterm)]).float(), distributed, op="max")
+    nonfinite, stop, grad_norm = torch.cat([flags, grad_norm.float().reshape(1)]).tolist()
+    if not nonfinite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, bool(nonfinite), bool(stop)
+
 
 def lr_lambda(cfg, total_steps):
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
@@ -545,6 +607,15 @@ def lr_lambda(cfg, total_steps):
     return schedule
 
 
+def due(every, step, total_steps, steps_done=1):
+    """Whether a thing done every `every` steps (and at the end) is due now, at `step`, the last `steps_done` steps
+    having just run: a multiple of `every` was crossed, or the run is over. every <= 0: never."""
+    return every > 0 and (step // every > (step - steps_done) // every or step >= total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
 @torch.no_grad()
 def evaluate_pairs(model, ref_model, ref_table, val, encoder, cfg, device, rank, world_size, distributed):
     """The training metrics on the held-out pairs, policy in eval mode."""
@@ -554,15 +625,11 @@ def evaluate_pairs(model, ref_model, ref_table, val, encoder, cfg, device, rank,
     for pairs, batch in zip(plan, make_loader(cfg, val, encoder, [p or [0] for p in plan])):
         if batch is None:
             continue
-        ref_chosen, ref_rejected = reference_logps(model, ref_model, ref_table, batch, device)
-        logps, tokens = sequence_logps(model, batch, device)
-        chosen, rejected = logps.chunk(2)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
-                                                            cfg.loss_type, cfg.label_smoothing)
+        stats = pair_losses(model, ref_model, ref_table, batch, cfg, device)[2]
         if pairs:
-            sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
+            sums += stats
     model.train()
-    return summarise(all_reduce_sum(sums, distributed), cfg, prefix="eval_")
+    return summarise(all_reduce(sums, distributed), cfg, prefix="eval_")
 
 
 @torch.no_grad()
@@ -579,9 +646,8 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     vision = {k: torch.cat([e[k] for e in examples if k in e]).to(device) for k in data.VISION_KEYS
               if any(k in e for e in examples)}
     mm_token_type_ids = (input_ids == encoder.image_pad).int() + 2 * (input_ids == encoder.video_pad).int()
-    # --compile serves the training and scoring passes, not generation: under a KV cache each decoder layer's graph
-    # specialises on its layer index and on the cache's state, so generation alone fills torch's recompile limit (8
-    # graphs of the layer's code), and this runs first (the eval at step 0): training would then run uncompiled
+    # --compile: generation runs the layers eager; under a KV cache each compiled layer's graph specialises on its
+    # layer index and the cache's state, which would spend torch's recompile limit and leave training uncompiled
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), \
             torch.compiler.set_stance("force_eager"):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -590,14 +656,13 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     return [encoder.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
-def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed):
-    """Exact match of greedy replies with the chosen replies of the first eval_generate val pairs
-    (on the demo: the task accuracy, the chosen reply being the right colour)."""
+def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed, batch_size):
+    """Exact match of greedy replies, `batch_size` prompts per generate call, with the last reply of each of the
+    first eval_generate val samples (the reference reply; for DPO, the chosen one)."""
     from torch.distributed.fsdp import FSDPModule
 
     samples = val[: cfg.eval_generate]
     mine = samples[rank::world_size]
-    batch_size = 2 * cfg.per_device_train_batch_size
     model.eval()
     # FSDP2: each unit gathers its weights once for all the replies, not again at every new token
     gather_once = isinstance(model, FSDPModule)
@@ -617,7 +682,15 @@ def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distri
         model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
     model.train()
     model.config.use_cache = False
-    return all_reduce_sum(torch.tensor(float(correct), device=device), distributed).item() / len(samples)
+    return all_reduce(torch.tensor(float(correct), device=device), distributed).item() / len(samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (the reference model and its log-probabilities are never saved)
+
+# the base model's files a checkpoint does not copy: its weights, and the files save_checkpoint writes itself
+NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json", "generation_config.json",
+              "trainer_state.json")
 
 
 def checkpoint_dirs(output_dir):
@@ -628,9 +701,16 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
+def checkpoint_score(trainer_state):
+    """What picks the best checkpoint, kept besides the latest (lower is better; None: not evaluated)."""
+    return trainer_state.get("eval_loss")
+
+
 def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
-    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), plus what an exact resume
-    needs. Written to a .tmp folder, then renamed, so a crash never leaves a checkpoint that looks complete."""
+    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), the base model's tokenizer
+    and processor files, and what an exact resume needs (optimizer, scheduler, RNG, trainer state). Written to a .tmp
+    folder, then renamed, so a crash never leaves a checkpoint that looks complete. Keeps the latest and the best by
+    checkpoint_score, up to --save_total_limit. -> the checkpoint's folder"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -647,23 +727,21 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
             lora.save_adapter(model, tmp, state_dict=model_state, base_model_name_or_path=cfg.model)
         else:
             model.save_pretrained(tmp, state_dict=model_state)
-        base = data.resolve_model(cfg.model)  # its tokenizer, processor and chat template; not its weights or state
+        base = data.resolve_model(cfg.model)
         for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-            weights_or_state = name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")) or \
-                name in ("config.json", "generation_config.json", "trainer_state.json")
-            if not weights_or_state and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_COPIED) \
+                    and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, final)
-        # keep the latest and the best by eval loss, up to save_total_limit
-        dirs = checkpoint_dirs(cfg.output_dir)
-        scores = {}
+        dirs, scores = checkpoint_dirs(cfg.output_dir), {}
         for d in dirs:
             with open(os.path.join(d, "trainer_state.json")) as f:
-                scores[d] = json.load(f).get("eval_loss") or float("inf")
+                score = checkpoint_score(json.load(f))
+            scores[d] = float("inf") if score is None else score
         keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
         for d in dirs:
             if d not in keep and cfg.save_total_limit > 0:
@@ -690,6 +768,45 @@ def load_checkpoint(path, model, optimizer, scheduler, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Logging
+
+def open_log(cfg, master):
+    """-> log(metrics): a line of metrics.jsonl, printed, and sent to --report_to's tracker (on the master process
+    only); log.close() closes the tracker (which may hold the last metrics until then) and the file."""
+    file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+    tracker = None
+    if master and cfg.report_to == "wandb":
+        import wandb
+
+        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
+    elif master and cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        tracker = SummaryWriter(cfg.output_dir)
+
+    def log(metrics):
+        if not master:
+            return
+        file.write(json.dumps(metrics) + "\n")
+        file.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+        if cfg.report_to == "wandb":
+            tracker.log(metrics, step=metrics["step"])
+        elif cfg.report_to == "tensorboard":
+            for k, v in metrics.items():
+                tracker.add_scalar(k, v, metrics["step"])
+
+    def close():
+        if tracker is not None:
+            tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+        if file is not None:
+            file.close()
+
+    log.close = close
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = parse_config(argv)
@@ -707,15 +824,18 @@ def main(argv=None):
 
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
-        found = checkpoint_dirs(cfg.output_dir)
-        resume = found[-1] if found else None
-    # the model first: a missing demo checkpoint is reported before any data work
-    model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
+        resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
+    if cfg.model == Config.model and not os.path.exists(cfg.model):  # reported before any data work
+        raise SystemExit(f"{cfg.model} does not exist: the demo starts from a short SFT run; make it with\n"
+                         f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
+    model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
-    train, val, kept = load_data(cfg, encoder, rank, world_size, distributed)
-    plan_of = lambda epoch: make_plan(kept, cfg.per_device_train_batch_size, cfg.seed, epoch, rank, world_size)
+    train, val, kept = load_data(cfg, encoder, rank, world_size)
+    # one epoch's micro-batches of pair indices for this process, shuffled with (seed, epoch): a resumed run sees the same
+    plan_of = lambda epoch: data.make_plan(kept, [0] * len(kept), cfg.per_device_train_batch_size, False, 0, cfg.seed,
+                                           epoch, rank, world_size)
     steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise SystemExit("fewer micro-batches than --gradient_accumulation_steps: use more data or a smaller batch")
@@ -732,8 +852,7 @@ def main(argv=None):
         # scored by the starting model: the policy before its first update (LoRA: adapters off, whatever was resumed)
         scorer, splits = model, ["train", "val"] if val else ["train"]
         if resume and cfg.train_type == "full" and not all(os.path.exists(ref_table_path(cfg, s)) for s in splits):
-            scorer = load_model(cfg, device, distributed, reference=True)
-            scorer = shard_model(scorer, cfg, device, reference=True) if distributed else scorer
+            scorer = load_reference(cfg, device, distributed)
         ref_table = precompute_reference(scorer, train, kept, encoder, cfg, device, rank, world_size, distributed,
                                          ref_table_path(cfg, "train"))
         if val:
@@ -741,13 +860,11 @@ def main(argv=None):
                                                  world_size, distributed, ref_table_path(cfg, "val"))
         del scorer
     elif cfg.train_type == "full":
-        ref_model = load_model(cfg, device, distributed, reference=True)
-        if distributed:
-            ref_model = shard_model(ref_model, cfg, device, reference=True)
+        ref_model = load_reference(cfg, device, distributed)
 
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=True)  # fused: also the only AdamW that can skip a step on the GPU (found_inf)
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None, "skipped_steps": 0}
     if resume:
@@ -759,36 +876,15 @@ def main(argv=None):
         print(f"{len(kept)} training pairs, {len(val)} validation; {steps_per_epoch} steps per epoch, {total_steps} steps; "
               f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); reference: {reference}; "
               f"{world_size} process(es) on {device.type}")
-    tracker = None
-    if master and cfg.report_to == "wandb":
-        import wandb
-
-        tracker = wandb.init(config=asdict(cfg), dir=cfg.output_dir)
-    elif master and cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-
-        tracker = SummaryWriter(cfg.output_dir)
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
-
-    def log(metrics):
-        if not master:
-            return
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
-        if cfg.report_to == "wandb":
-            tracker.log(metrics, step=metrics["step"])
-        elif cfg.report_to == "tensorboard":
-            for k, v in metrics.items():
-                tracker.add_scalar(k, v, metrics["step"])
-
+    log = open_log(cfg, master)
     evals = []
 
     def evaluate():
         result = {"step": state["step"], **evaluate_pairs(model, ref_model, val_ref_table, val, encoder, cfg, device,
                                                           rank, world_size, distributed)}
         if cfg.eval_generate > 0:
-            result["eval_accuracy"] = evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed)
+            result["eval_accuracy"] = evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed,
+                                                        2 * cfg.per_device_train_batch_size)
         result["elapsed_s"] = time.time() - start_time
         state["eval_loss"] = result["eval_loss"]
         log(result)
@@ -808,71 +904,30 @@ def main(argv=None):
     if cfg.save_on_sigterm:
         default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
     stop, bad_in_a_row, checkpoint_path = False, 0, None
-    outcomes = []  # (flags [nonfinite, SIGTERM] on their way to the host, the event that marks their arrival) per step
-
-    def due(every):  # a step on which something happens every `every` steps (and the last step)
-        return every > 0 and (state["step"] % every == 0 or state["step"] == total_steps)
-
     while state["step"] < total_steps and not stop:
         plan = plan_of(state["epoch"])
         loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:]))
         while state["step"] < total_steps and not stop and state["batch"] + cfg.gradient_accumulation_steps <= len(plan):
             micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
             state["batch"] += cfg.gradient_accumulation_steps
-            # the loss is a mean over the pairs (and, for --rpo_alpha, the chosen tokens) of the whole global batch
-            counts = torch.tensor([[len(b["index"]), b["chosen_tokens"]] for b in micro_batches], dtype=torch.float).sum(0)
-            n_pairs, n_chosen_tokens = all_reduce_sum(counts.to(device), distributed).tolist()
-            step_loss, step_sums = torch.zeros((), device=device), torch.zeros(len(STATS), dtype=torch.float64, device=device)
-            for i, batch in enumerate(micro_batches):
-                if distributed:
-                    model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce gradients once per step
-                ref_chosen, ref_rejected = reference_logps(model, ref_model, ref_table, batch, device)
-                logps, tokens = sequence_logps(model, batch, device)
-                chosen, rejected = logps.chunk(2)
-                losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta,
-                                                                    cfg.loss_type, cfg.label_smoothing)
-                loss = losses.sum() / n_pairs
-                if cfg.rpo_alpha:
-                    loss = loss + cfg.rpo_alpha * -chosen.sum() / n_chosen_tokens
-                (loss * world_size).backward()  # FSDP averages gradients over processes
-                step_loss += loss.detach()
-                step_sums += pair_stats(losses, chosen_rewards, rejected_rewards, chosen, rejected, tokens.chunk(2)[0])
-                window["tokens"] += batch["input_ids"].numel()
-                window["pairs"] += len(batch["index"])
-            grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
-            # no host sync in the step: a step whose loss or gradient norm is NaN/inf on any process is skipped on the GPU
-            # (fused AdamW leaves weights and moments untouched when found_inf is 1), and the host reads what happened
-            # (skipped? SIGTERM?) a step later, once the GPU is past it, or at once before logging, evaluating or saving
-            finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-            flags = all_reduce_sum(torch.stack([~finite, finite.new_full((), sigterm["received"])]).float(), distributed) > 0
-            # (offloaded, AdamW runs on the host, which must not read found_inf before its copy has landed)
-            optimizer.found_inf = flags[0].float().cpu() if cfg.offload_optimizer else flags[0].float()
-            optimizer.step()
-            window["sums"] += torch.where(flags[0], 0.0, step_sums)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss, step_sums = train_step(model, ref_model, ref_table, micro_batches, cfg, device, world_size, distributed)
+            grad_norm, skipped, stop = optimizer_step(model, optimizer, scheduler, step_loss, cfg, device, distributed,
+                                                      sigterm["received"])
             state["step"] += 1
+            state["skipped_steps"] += skipped  # no update from it; the step count and the data still advance
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+            if not skipped:
+                window["sums"] += step_sums
+            window["tokens"] += sum(b["input_ids"].numel() for b in micro_batches)
+            window["pairs"] += sum(len(b["index"]) for b in micro_batches)
             if progress:
                 progress.update(1)
-            copied = torch.cuda.Event() if device.type == "cuda" else None  # recorded after the copy is queued
-            outcomes.append((flags.to("cpu", non_blocking=True), copied))
-            if copied:
-                copied.record()
-            boundary = due(cfg.logging_steps) or val and due(cfg.eval_steps) or due(cfg.save_steps)
-            while outcomes and (len(outcomes) > 1 or boundary or stop or bad_in_a_row >= cfg.max_bad_steps):
-                outcome, copied = outcomes.pop(0)
-                if copied:
-                    copied.synchronize()
-                nonfinite, received = outcome.tolist()
-                state["skipped_steps"] += nonfinite
-                bad_in_a_row = bad_in_a_row + 1 if nonfinite else 0
-                stop = stop or received
-            if due(cfg.logging_steps) or bad_in_a_row >= cfg.max_bad_steps:
-                sums = all_reduce_sum(window["sums"].clone(), distributed)
+            if due(cfg.logging_steps, state["step"], total_steps) or bad_in_a_row >= cfg.max_bad_steps:
+                sums = all_reduce(window["sums"].clone(), distributed)
                 counts = torch.tensor([float(window["tokens"]), float(window["pairs"])], device=device)
-                tokens, pairs = all_reduce_sum(counts, distributed).tolist()
+                tokens, pairs = all_reduce(counts, distributed).tolist()
                 elapsed = time.time() - window["time"]
-                metrics = {"step": state["step"], **summarise(sums, cfg), "grad_norm": grad_norm.item(),
+                metrics = {"step": state["step"], **summarise(sums, cfg), "grad_norm": grad_norm,
                            "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"] + state["batch"] / len(plan),
                            "tokens_per_s": tokens / elapsed / world_size, "pairs_per_s": pairs / elapsed / world_size,
                            "skipped_steps": state["skipped_steps"]}
@@ -888,9 +943,9 @@ def main(argv=None):
                                  f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
                                  f"is finite). Try a lower --learning_rate or --max_grad_norm, check the data (python data.py "
                                  f"check FILE), keep bf16 rather than fp16 on GPU, or raise --max_bad_steps to skip more")
-            if val and not stop and due(cfg.eval_steps):
+            if val and not stop and due(cfg.eval_steps, state["step"], total_steps):
                 evaluate()
-            if stop or due(cfg.save_steps):
+            if stop or due(cfg.save_steps, state["step"], total_steps):
                 checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
         if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
@@ -902,12 +957,11 @@ def main(argv=None):
         print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
               f"with --resume_from_checkpoint latest", flush=True)
     elif master:
-        print(f"done: {state['step']} steps in {time.time() - start_time:.0f}s; checkpoints in {cfg.output_dir}")
+        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
         if len(evals) > 1:  # the demo's result: preference accuracy up, task accuracy not down
             print("held-out " + ", ".join(f"{k} {evals[0][k]:.2f} -> {evals[-1][k]:.2f}" for k in
                                           ("eval_rewards/accuracies", "eval_accuracy", "eval_loss") if k in evals[0]))
-    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
-        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+    log.close()
     if distributed:
         dist.destroy_process_group()
 

@@ -17,6 +17,7 @@ GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon
 file: its main is setup + train with CHORD's update.
 """
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -26,11 +27,12 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -144,7 +146,7 @@ class Config:
 
 
 def read_config(config_class, argv):
-    """The dataclass from the command line, over the defaults of `--config file.yaml|json` when given."""
+    """The command line (argv; None: sys.argv) parsed into config_class, over the defaults of `--config file`."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(config_class)
@@ -152,13 +154,8 @@ def read_config(config_class, argv):
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
         with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                defaults = yaml.safe_load(f)
-            else:
-                defaults = json.load(f)
-        unknown = set(defaults) - set(config_class.__dataclass_fields__)
+            defaults = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        unknown = set(defaults) - {f.name for f in fields(config_class)}
         if unknown:
             raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
         parser.set_defaults(**defaults)
@@ -195,8 +192,7 @@ def parse_config(argv=None, config_class=Config):
 
 def setup_distributed():
     """A GPU run without torchrun is a group of one, so one GPU and N GPUs take the same FSDP2 path and the same
-    numerics (bf16 compute on fp32 master weights: without it, a lone GPU ran the fp32 trainable weights unsharded
-    and the varlen FlashAttention kernel got fp32 inputs); a CPU run without torchrun has no group and no sharding."""
+    numerics (bf16 compute on fp32 master weights); a CPU run without torchrun has no group and no sharding."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -211,6 +207,7 @@ def setup_distributed():
 
 
 def all_reduce(x, distributed, op="sum"):
+    """x summed (op "sum") or maximised (op "max") over the processes, in place; x itself without a group."""
     if distributed:
         dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
@@ -270,55 +267,62 @@ def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
 # Model: the policy, and the reference it is kept close to (beta != 0): with LoRA the policy with its adapters off
 # (lora.disable_adapters), with full fine-tuning a frozen copy
 
-def load_model(cfg, device, weights=None):
-    """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
+def pretrained(cfg, path, dtype):
+    """The Hugging Face model at `path`, in `dtype`, with --attn_implementation and no KV cache (training)."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
-    # shard_model); CPU: fp32 throughout, unless the master weights are bf16
-    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=attn_implementation,
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation == "varlen":
         data.use_varlen_attention(model)
+    model.config.use_cache = False
+    return model
+
+
+def load_model(cfg, device, weights=None):
+    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA, freezing, the
+    trainable weights in --master_dtype and gradient checkpointing. -> (model, trainable parameters, all parameters)"""
+    # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
+    # shard_model); CPU: fp32 throughout, unless the master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
+    model = pretrained(cfg, weights or data.resolve_model(cfg.model), dtype)
     if cfg.train_type == "lora":
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
-                                          getattr(torch, cfg.master_dtype))
+                                          master_dtype=getattr(torch, cfg.master_dtype))
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(model.model.language_model.layers):
             layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
-    model.config.use_cache = False
     return model.to(device), trainable, total
 
 
-def shard_model(model, cfg, device, reference=False):
-    """FSDP2: one unit per decoder layer and per vision block, then the root. bf16 compute, fp32 gradient reduction;
-    the optimizer sees sharded fp32 master parameters (trainable ones are fp32 since load_model; frozen ones stay bf16,
-    which halves the memory of a LoRA base). The reference, all frozen, stays bf16 and always reshards."""
+def shard_model(model, cfg, device):
+    """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded master parameters (trainable ones are in
+    --master_dtype since load_model; frozen ones stay bf16, which halves the memory of a LoRA base)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-              "reshard_after_forward": cfg.fsdp_reshard_after_forward or reference}
-    if cfg.offload_optimizer and not reference:
+              "reshard_after_forward": cfg.fsdp_reshard_after_forward}
+    if cfg.offload_optimizer:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
-    # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
-    # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
-    # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
+    # the vision blocks get their rotary cos/sin in fp32 and keep them, as transformers computes them. Needed while
+    # requirements.txt allows torch < 2.13, which does not cast a unit's inputs when activation checkpointing
+    # recomputes it: a forward-only cast made the recompute differ (and compiled blocks fail checkpointing's check)
     vision = {**kwargs, "mp_policy": replace(kwargs["mp_policy"], cast_forward_inputs=False)}
     for block in model.model.visual.blocks:
         fully_shard(block, **vision)
     fully_shard(model, **kwargs)
-    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
-    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
-    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
+    # each unit gathers once now: with bf16 compute FSDP2 accumulates micro-batch gradients in fp32 through every
+    # unit's gathered parameters, which a unit that has never run forward (the vision blocks on text-only data) does
+    # not have yet (AttributeError '_unsharded_param'). Still so in torch 2.13: drop the loop once the oldest torch
+    # requirements.txt allows passes test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran without it
     for unit in [model, *model.model.language_model.layers, *model.model.visual.blocks]:
         unit.unshard()
         unit.reshard()
@@ -326,17 +330,10 @@ def shard_model(model, cfg, device, reference=False):
 
 
 def load_reference(cfg, device, distributed):
-    """A frozen bf16 (GPU) copy of cfg.model in eval mode: it only scores. Sharded like the policy, always resharding
-    (it runs once a rollout)."""
-    from transformers import AutoModelForImageTextToText
-
-    attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
-    reference = AutoModelForImageTextToText.from_pretrained(
-        data.resolve_model(cfg.model), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        attn_implementation=attn_implementation, trust_remote_code=cfg.trust_remote_code)
-    if cfg.attn_implementation == "varlen":
-        data.use_varlen_attention(reference)
-    reference = reference.requires_grad_(False).eval().to(device)
+    """A frozen copy of cfg.model in eval mode (no dropout: it only scores), bf16 on the GPU; sharded like the policy,
+    but always resharding (it runs forward only) and never offloaded."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reference = pretrained(cfg, data.resolve_model(cfg.model), dtype).requires_grad_(False).eval().to(device)
     if distributed:
         reference = shard_model(reference, replace(cfg, fsdp_reshard_after_forward=True, offload_optimizer=False), device)
     return reference
@@ -767,18 +764,19 @@ def model_inputs(batch, device):
 
 
 def chunk_logps(logits, targets, temperature=1.0, with_entropy=False):
-    logps = (logits.float() / temperature).log_softmax(-1)
+    """-> (log-probabilities of targets [n] at `temperature`, each position's entropy [n] if asked, else None)"""
+    logps = (logits.float() if temperature == 1 else logits.float() / temperature).log_softmax(-1)
     entropy = None
-    if with_entropy:  # for the log: one more pass over a chunk already in memory
-        with torch.no_grad():
+    if with_entropy:
+        with torch.no_grad():  # logged, not trained on
             entropy = -(logps.exp() * logps).sum(-1)
     return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
 
 
 def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk_size=1024):
-    """-> (log-probabilities of the labelled tokens [N], their entropies [N] or None), in order, of the policy at
-    `temperature`. Which tokens are labelled is read from the labels while they are still on the CPU, so the GPU is
-    never waited for here."""
+    """-> (log-probabilities of the labelled tokens [N], row by row, their entropies [N] if asked, else None).
+    Positions are shared across the batch rows. Which tokens are labelled is read from the labels while they are
+    still on the CPU, so the host never waits for the GPU here."""
     labelled = batch["labels"] != data.IGNORE
     keep = labelled.any(0).nonzero().squeeze(1)  # columns with a label in some row
     # index_select/masked_select, not [:, keep][mask]: CPU advanced indexing of an 8k-token row takes ~8 ms a call
@@ -786,11 +784,13 @@ def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk
     targets = batch["labels"].index_select(1, keep).masked_select(labelled).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device), use_cache=False).logits
-    # one row (packed) has a label in every kept column; padded rows need the mask (a boolean index: one sync)
-    logits = logits[0] if len(logits) == 1 else logits[labelled.to(device)]
+    if len(logits) == 1:  # one row (packed): a label in every kept column
+        logits = logits[0]
+    else:  # padded rows: the labelled positions, indexed from the CPU's mask (a boolean index on the GPU would sync)
+        logits = logits.flatten(0, 1).index_select(0, labelled.flatten().nonzero().squeeze(1).to(device))
     out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, with_entropy,
                       use_reentrant=False) for i in range(0, len(targets), chunk_size)]
-    if not out:
+    if not out:  # nothing labelled
         return logits.new_zeros(0), logits.new_zeros(0) if with_entropy else None
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if with_entropy else None
 
@@ -922,17 +922,19 @@ def train_step(run, micro, sigterm=False):
 
 
 def optimizer_step(model, optimizer, scheduler, loss, cfg, device, distributed, sigterm):
-    """Clip the gradients, then step, unless the loss or the gradient norm is NaN/inf on any process: that step
-    leaves the weights and AdamW's moments as they were (finite); the schedule moves on either way. The step's one
-    host sync reads both flags. -> (gradient norm, skipped, SIGTERM received by any process)."""
+    """Clip, then update unless the loss (this process's, a tensor) or the gradient norm is NaN/inf on any process:
+    a skipped step leaves the weights and AdamW's moments as they were; the schedule moves on either way. The step's
+    one host sync reads the norm and those flags and SIGTERM (`sigterm`: this process got one) from every process.
+    -> (gradient norm, skipped, stop: some process got SIGTERM)"""
     grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
-    flags = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)), torch.tensor(sigterm, device=device)])
-    skipped, stop = all_reduce(flags.float(), distributed, op="max").bool().tolist()
-    if not skipped:
+    finite = torch.isfinite(loss.to(device)) & torch.isfinite(grad_norm)
+    flags = all_reduce(torch.stack([~finite, finite.new_tensor(sigterm)]).float(), distributed, op="max")
+    nonfinite, stop, grad_norm = torch.cat([flags, grad_norm.float().reshape(1)]).tolist()
+    if not nonfinite:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item(), skipped, stop
+    return grad_norm, bool(nonfinite), bool(stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -955,8 +957,8 @@ def lr_lambda(cfg, total_steps):
 
 
 def due(every, step, total_steps, steps_done=1):
-    """Whether a thing done every `every` steps (and at the last step) is due at `step`, steps_done steps after the
-    last time this was asked."""
+    """Whether a thing done every `every` steps (and at the end) is due now, at `step`, the last `steps_done` steps
+    having just run: a multiple of `every` was crossed, or the run is over. every <= 0: never."""
     return every > 0 and (step // every > (step - steps_done) // every or step >= total_steps)
 
 
@@ -978,9 +980,10 @@ def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
 
 
 def open_log(cfg, master):
-    """-> log(metrics): a line of metrics.jsonl, a printed line and --report_to's tracker (main process only);
-    log.close() flushes and closes them."""
-    tracker = metrics_file = None
+    """-> log(metrics): a line of metrics.jsonl, printed, and sent to --report_to's tracker (on the master process
+    only); log.close() closes the tracker (which may hold the last metrics until then) and the file."""
+    file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+    tracker = None
     if master and cfg.report_to == "wandb":
         import wandb
 
@@ -989,14 +992,12 @@ def open_log(cfg, master):
         from torch.utils.tensorboard import SummaryWriter
 
         tracker = SummaryWriter(cfg.output_dir)
-    if master:
-        metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a")
 
     def log(metrics):
         if not master:
             return
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
+        file.write(json.dumps(metrics) + "\n")
+        file.flush()
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
         if cfg.report_to == "wandb":
             tracker.log(metrics, step=metrics["step"])
@@ -1004,19 +1005,17 @@ def open_log(cfg, master):
             for k, v in metrics.items():
                 tracker.add_scalar(k, v, metrics["step"])
 
-    def close():  # the tracker buffers the last metrics until it is closed
-        if metrics_file:
-            metrics_file.close()
+    def close():
         if tracker is not None:
             tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+        if file is not None:
+            file.close()
 
     log.close = close
     return log
 
 
 def check_output_dir(cfg):
-    """Before any slow work: --output_dir must be writable and hold the checkpoints to come; a checkpoint-N.tmp left
-    by a killed save is removed."""
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
         probe = os.path.join(cfg.output_dir, f".write_test-{os.getpid()}")
@@ -1077,14 +1076,15 @@ def checkpoint_score(trainer_state):
     return None if reward is None else -reward
 
 
-NOT_COPIED = {"config.json", "generation_config.json", "trainer_state.json", "training_state.pt"}  # and weight files
+NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json", "generation_config.json",
+              "trainer_state.json")
 
 
 def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
-    """checkpoint-STEP/: the model (Hugging Face format) or the adapter (PEFT format), the tokenizer and processor
-    files, and what an exact resume needs (optimizer, scheduler, RNG, trainer state). Written to .tmp, then renamed:
-    a crash never leaves one that looks complete. Kept: the latest, and the best by checkpoint_score, up to
-    save_total_limit."""
+    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), the base model's tokenizer
+    and processor files, and what an exact resume needs (optimizer, scheduler, RNG, trainer state). Written to a .tmp
+    folder, then renamed, so a crash never leaves a checkpoint that looks complete. Keeps the latest and the best by
+    checkpoint_score, up to --save_total_limit. -> the checkpoint's folder"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -1102,13 +1102,12 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
         else:
             model.save_pretrained(tmp, state_dict=model_state)
         base = data.resolve_model(cfg.model)
-        for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if name not in NOT_COPIED and not name.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")) \
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_COPIED) \
                     and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng},
-                   os.path.join(tmp, "training_state.pt"))
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, final)
@@ -1127,7 +1126,7 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
 
 
 def load_checkpoint(path, model, optimizer, scheduler, cfg):
-    """What loading the model did not restore: the adapter (LoRA), optimizer, scheduler, RNG. -> trainer state."""
+    """Restore what the model load did not: the adapter (LoRA), optimizer, scheduler and RNG. -> trainer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     if cfg.train_type == "lora":  # full fine-tuning loaded its weights from the checkpoint in load_model

@@ -9,7 +9,7 @@ train_sft.py: supervised fine-tuning (SFT) and multimodal continued pretraining 
 Loss: the mean negative log-likelihood over every labelled token of the global batch (all processes, all
 accumulation steps), so the result does not depend on how a batch is split.
 """
-import contextlib
+import fnmatch
 import json
 import math
 import os
@@ -17,10 +17,11 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -101,29 +102,31 @@ class Config:
     config: str | None = None  # a yaml/json file of defaults; the command line overrides it
 
 
-def parse_config(argv=None):
+def read_config(config_class, argv):
+    """The command line (argv; None: sys.argv) parsed into config_class, over the defaults of `--config file`."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(Config)
+    parser = HfArgumentParser(config_class)
     argv = sys.argv[1:] if argv is None else argv
     if "--config" in argv:
         path = argv[argv.index("--config") + 1]
         with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                defaults = yaml.safe_load(f)
-            else:
-                defaults = json.load(f)
-        unknown = set(defaults) - {f.name for f in Config.__dataclass_fields__.values()}
+            defaults = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+        unknown = set(defaults) - {f.name for f in fields(config_class)}
         if unknown:
             raise SystemExit(f"{path}: unknown option(s) {sorted(unknown)}")
         parser.set_defaults(**defaults)
     (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg
+
+
+def parse_config(argv=None):
+    cfg = read_config(Config, argv)
     if cfg.learning_rate is None:
         cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 1e-3
     if cfg.master_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--master_dtype {cfg.master_dtype}: use float32 or bfloat16")
+    cfg.val_dataset = [name for name in cfg.val_dataset if name]  # `--val_dataset ""`: no validation set
     return cfg
 
 
@@ -146,21 +149,11 @@ def setup_distributed():
     return distributed, rank, world_size, device
 
 
-def all_reduce_sum(x, distributed):
+def all_reduce(x, distributed, op="sum"):
+    """x summed (op "sum") or maximised (op "max") over the processes, in place; x itself without a group."""
     if distributed:
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
-
-
-def clip_grad_norm(model, max_norm, device, distributed):
-    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
-    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads).to(device)
-    if distributed:  # each process holds a shard of every gradient
-        norm = all_reduce_sum(norm.float().square(), distributed).sqrt()
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
-    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,27 +209,15 @@ def checkpoint_size(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 
-def load_data(cfg, encoder, rank, world_size, distributed):
-    def specs(names, split):
-        return [data.demo_path("sft", split) if n == "demo" else n for n in names]
-
-    train = data.load_dataset(specs(cfg.dataset, "train"), "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    if cfg.split_dataset_ratio > 0:
-        train, val = data.split_dataset(train, cfg.split_dataset_ratio, cfg.seed)
-    elif cfg.val_dataset and not (cfg.val_dataset == ["demo"] and cfg.dataset != ["demo"]):  # demo val only for demo
-        val = data.load_dataset(specs(cfg.val_dataset, "val"), "sft", cfg.seed, cfg.media_root, cfg.skip_bad_records)
-    else:
-        val = []
-    # every record is encoded once up front, each process taking a share: lengths for packing, bad records found now
+def load_data(cfg, encoder, rank, world_size):
+    """-> (training samples, validation samples, kept training indices, their token counts, encode options).
+    Every record is encoded once up front, the processes sharing the work: lengths for packing, bad records found now."""
+    train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "sft", cfg.seed,
+                                     cfg.media_root, cfg.skip_bad_records)
     encode_kwargs = {"train_on": cfg.train_on}
-    shard = list(range(rank, len(train), world_size))
-    kept, lengths, _ = data.measure_lengths([train[i] for i in shard], encoder, cfg.skip_bad_records, cfg.num_workers, encode_kwargs)
-    measured = [([shard[i] for i in kept], lengths)]
-    if distributed:
-        measured = [None] * world_size
-        dist.all_gather_object(measured, ([shard[i] for i in kept], lengths))
-    pairs = sorted((i, n) for ids, ns in measured for i, n in zip(ids, ns))
-    return train, val, [i for i, _ in pairs], [n for _, n in pairs], encode_kwargs
+    kept, lengths, _ = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers, encode_kwargs,
+                                            rank, world_size)
+    return train, val, kept, lengths, encode_kwargs
 
 
 def make_loader(cfg, train, encoder, plan, encode_kwargs):
@@ -256,40 +237,42 @@ def init_worker(save_on_sigterm):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
-def load_model(cfg, device, distributed, weights=None):
-    """The model from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA and freezing applied."""
+def pretrained(cfg, path, dtype):
+    """The Hugging Face model at `path`, in `dtype`, with --attn_implementation and no KV cache (training)."""
     from transformers import AutoModelForImageTextToText
 
-    # GPU: frozen weights in bf16, trainable ones in master_dtype (below: the copy that FSDP2 casts to bf16 for
-    # compute, see shard_model); CPU: fp32 throughout, unless the master weights are bf16
-    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
     attn_implementation = "sdpa" if cfg.attn_implementation == "varlen" else cfg.attn_implementation
-    model = AutoModelForImageTextToText.from_pretrained(weights or data.resolve_model(cfg.model), dtype=dtype,
-                                                        attn_implementation=attn_implementation,
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                         trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation == "varlen":
         data.use_varlen_attention(model)
+    model.config.use_cache = False
+    return model
+
+
+def load_model(cfg, device, weights=None):
+    """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA, freezing, the
+    trainable weights in --master_dtype and gradient checkpointing. -> (model, trainable parameters, all parameters)"""
+    # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
+    # shard_model); CPU: fp32 throughout, unless the master weights are bf16
+    dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
+    model = pretrained(cfg, weights or data.resolve_model(cfg.model), dtype)
     if cfg.train_type == "lora":
-        targets = cfg.target_modules
-        targets = None if targets == ["all-linear"] else targets[0] if len(targets) == 1 and not targets[0].isidentifier() else targets
-        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, use_rslora=cfg.use_rslora)
-    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner)
-    for p in model.parameters():
-        if p.requires_grad and cfg.master_dtype == "float32":  # AdamW on bf16 weights loses small updates
-            p.data = p.data.float()
+        lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
+    trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
+                                          master_dtype=getattr(torch, cfg.master_dtype))
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(model.model.language_model.layers):
             layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
-    model.config.use_cache = False
     return model.to(device), trainable, total
 
 
 def shard_model(model, cfg, device):
     """FSDP2: one unit per decoder layer and per vision block, then the root (embeddings, merger, head).
-    bf16 compute, fp32 gradient reduction; the optimizer sees sharded fp32 master parameters (trainable ones are fp32
-    since load_model; frozen ones stay bf16, which halves the memory of a LoRA base)."""
+    bf16 compute, fp32 gradient reduction; the optimizer sees sharded master parameters (trainable ones are in
+    --master_dtype since load_model; frozen ones stay bf16, which halves the memory of a LoRA base)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -299,16 +282,17 @@ def shard_model(model, cfg, device):
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
-    # the vision blocks get their rotary cos/sin in fp32 and keep them (transformers computes the rotation in fp32):
-    # torch before 2.13 does not cast a unit's inputs when activation checkpointing recomputes it, so a cast in the
-    # forward alone made the recompute differ from the forward (and compiled blocks fail checkpointing's check)
+    # the vision blocks get their rotary cos/sin in fp32 and keep them, as transformers computes them. Needed while
+    # requirements.txt allows torch < 2.13, which does not cast a unit's inputs when activation checkpointing
+    # recomputes it: a forward-only cast made the recompute differ (and compiled blocks fail checkpointing's check)
     vision = {**kwargs, "mp_policy": replace(kwargs["mp_policy"], cast_forward_inputs=False)}
     for block in model.model.visual.blocks:
         fully_shard(block, **vision)
     fully_shard(model, **kwargs)
-    # each unit gathers once now: with bf16 compute FSDP2 (torch 2.11 to 2.13) accumulates micro-batch gradients in
-    # fp32 through every unit's gathered parameters, which a unit that has never run forward (the vision blocks on
-    # text-only data) does not have yet: AttributeError '_unsharded_param' at the first accumulating backward
+    # each unit gathers once now: with bf16 compute FSDP2 accumulates micro-batch gradients in fp32 through every
+    # unit's gathered parameters, which a unit that has never run forward (the vision blocks on text-only data) does
+    # not have yet (AttributeError '_unsharded_param'). Still so in torch 2.13: drop the loop once the oldest torch
+    # requirements.txt allows passes test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran without it
     for unit in [model, *model.model.language_model.layers, *model.model.visual.blocks]:
         unit.unshard()
         unit.reshard()
@@ -325,13 +309,20 @@ def model_inputs(batch, device):
             for k in keys if batch.get(k) is not None}
 
 
-def chunk_logps(logits, targets):
-    return torch.gather(logits.float().log_softmax(-1), 1, targets[:, None]).squeeze(1)
+def chunk_logps(logits, targets, temperature=1.0, with_entropy=False):
+    """-> (log-probabilities of targets [n] at `temperature`, each position's entropy [n] if asked, else None)"""
+    logps = (logits.float() if temperature == 1 else logits.float() / temperature).log_softmax(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # logged, not trained on
+            entropy = -(logps.exp() * logps).sum(-1)
+    return torch.gather(logps, 1, targets[:, None]).squeeze(1), entropy
 
 
-def token_logps(model, batch, device, chunk_size=1024):
-    """-> (log-probabilities of the labelled tokens [N], N). Positions are shared across the batch rows. Which tokens
-    are labelled is read from the labels while they are still on the CPU, so the GPU is never waited for here."""
+def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk_size=1024):
+    """-> (log-probabilities of the labelled tokens [N], row by row, their entropies [N] if asked, else None).
+    Positions are shared across the batch rows. Which tokens are labelled is read from the labels while they are
+    still on the CPU, so the host never waits for the GPU here."""
     labelled = batch["labels"] != data.IGNORE
     keep = labelled.any(0).nonzero().squeeze(1)  # columns with a label in some row
     # index_select/masked_select, not [:, keep][mask]: CPU advanced indexing of an 8k-token row takes ~8 ms a call
@@ -339,15 +330,62 @@ def token_logps(model, batch, device, chunk_size=1024):
     targets = batch["labels"].index_select(1, keep).masked_select(labelled).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(**model_inputs(batch, device), logits_to_keep=keep.to(device), use_cache=False).logits
-    # one row (packed) has a label in every kept column; padded rows need the mask (a boolean index: one sync)
-    logits = logits[0] if len(logits) == 1 else logits[labelled.to(device)]
-    logps = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], use_reentrant=False)
-             for i in range(0, len(targets), chunk_size)]
-    return torch.cat(logps) if logps else logits.new_zeros(0), len(targets)
+    if len(logits) == 1:  # one row (packed): a label in every kept column
+        logits = logits[0]
+    else:  # padded rows: the labelled positions, indexed from the CPU's mask (a boolean index on the GPU would sync)
+        logits = logits.flatten(0, 1).index_select(0, labelled.flatten().nonzero().squeeze(1).to(device))
+    out = [checkpoint(chunk_logps, logits[i : i + chunk_size], targets[i : i + chunk_size], temperature, with_entropy,
+                      use_reentrant=False) for i in range(0, len(targets), chunk_size)]
+    if not out:  # nothing labelled
+        return logits.new_zeros(0), logits.new_zeros(0) if with_entropy else None
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if with_entropy else None
+
+
+def train_step(model, micro_batches, device, world_size, distributed):
+    """Forward and backward every micro-batch of one step. -> [summed NLL, labelled tokens] of this process."""
+    # normalise by the labelled tokens of the whole global batch, counted before any backward
+    n_tokens = sum(int((b["labels"] != data.IGNORE).sum()) for b in micro_batches)
+    n_global = all_reduce(torch.full((), float(n_tokens), device=device), distributed)  # (a fill: no sync)
+    sums = torch.zeros(2, device=device)
+    for i, batch in enumerate(micro_batches):
+        if distributed:
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # reduce gradients once per step
+        logps, _ = token_logps(model, batch, device)
+        (-logps.sum() / n_global * world_size).backward()  # FSDP averages gradients over processes
+        sums[0] -= logps.detach().sum()
+        sums[1] += len(logps)
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule, evaluation, checkpoints
+# Step and schedule
+
+def clip_grad_norm(model, max_norm, device, distributed):
+    """torch's clip_grad_norm_ on each process's shards of the gradients: the same clipping, without a DTensor
+    dispatch per gradient (~30 ms of host time a step on a 3B model while the GPU waits). -> the global norm."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).to(device)
+    if distributed:  # each process holds a shard of every gradient
+        norm = all_reduce(norm.float().square(), distributed).sqrt()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device))
+    return norm
+
+
+def optimizer_step(model, optimizer, scheduler, loss, cfg, device, distributed, sigterm):
+    """Clip, then update unless the loss (this process's, a tensor) or the gradient norm is NaN/inf on any process:
+    a skipped step leaves the weights and AdamW's moments as they were; the schedule moves on either way. The step's
+    one host sync reads the norm and those flags and SIGTERM (`sigterm`: this process got one) from every process.
+    -> (gradient norm, skipped, stop: some process got SIGTERM)"""
+    grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
+    finite = torch.isfinite(loss.to(device)) & torch.isfinite(grad_norm)
+    flags = all_reduce(torch.stack([~finite, finite.new_tensor(sigterm)]).float(), distributed, op="max")
+    nonfinite, stop, grad_norm = torch.cat([flags, grad_norm.float().reshape(1)]).tolist()
+    if not nonfinite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, bool(nonfinite), bool(stop)
+
 
 def lr_lambda(cfg, total_steps):
     warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
@@ -365,6 +403,15 @@ def lr_lambda(cfg, total_steps):
     return schedule
 
 
+def due(every, step, total_steps, steps_done=1):
+    """Whether a thing done every `every` steps (and at the end) is due now, at `step`, the last `steps_done` steps
+    having just run: a multiple of `every` was crossed, or the run is over. every <= 0: never."""
+    return every > 0 and (step // every > (step - steps_done) // every or step >= total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
 @torch.no_grad()
 def evaluate_loss(model, val, encoder, cfg, device, rank, world_size, distributed):
     model.eval()
@@ -375,10 +422,10 @@ def evaluate_loss(model, val, encoder, cfg, device, rank, world_size, distribute
         chunk = mine[i : i + size]
         examples = [e for e in (encoder(s, train_on=cfg.train_on) for s in chunk or val[:1]) if e is not None]
         batch = data.collate(examples, packing=cfg.packing, pad_token_id=encoder.tokenizer.pad_token_id)
-        logps, n = token_logps(model, batch, device)
+        logps, _ = token_logps(model, batch, device)
         if chunk:  # a rank with nothing left ran a stand-in batch only to keep in step
-            total += torch.stack([-logps.sum(), torch.tensor(float(n), device=device)])
-    total = all_reduce_sum(total, distributed)
+            total += torch.stack([-logps.sum(), torch.tensor(float(len(logps)), device=device)])
+    total = all_reduce(total, distributed)
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -407,8 +454,9 @@ def generate(model, encoder, samples, device, max_new_tokens, synced):
     return [encoder.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
-def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed):
-    """Exact match of greedy replies against the reference replies of the first eval_generate val examples."""
+def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed, batch_size):
+    """Exact match of greedy replies, `batch_size` prompts per generate call, with the last reply of each of the
+    first eval_generate val samples (the reference reply; for DPO, the chosen one)."""
     from torch.distributed.fsdp import FSDPModule
 
     samples = val[: cfg.eval_generate]
@@ -419,11 +467,11 @@ def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distri
     if gather_once:
         model.set_reshard_after_forward(False)
     correct = 0
-    for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), cfg.per_device_train_batch_size):
-        chunk = mine[i : i + cfg.per_device_train_batch_size] or samples[:1]  # every rank runs the same number of batches
+    for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), batch_size):
+        chunk = mine[i : i + batch_size] or samples[:1]  # every rank runs the same number of batches
         prompts = [data.Sample(s.messages[:-1], s.images, s.videos) for s in chunk]
         replies = generate(model, encoder, prompts, device, cfg.max_new_tokens, synced=distributed)
-        if mine[i : i + cfg.per_device_train_batch_size]:
+        if mine[i : i + batch_size]:
             correct += sum(r.strip() == s.messages[-1]["content"].strip() for r, s in zip(replies, chunk))
     if gather_once:
         for unit in model.modules():
@@ -432,7 +480,15 @@ def evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distri
         model.set_reshard_after_forward(cfg.fsdp_reshard_after_forward)  # shard_model's setting, on every unit
     model.train()
     model.config.use_cache = False
-    return all_reduce_sum(torch.tensor(float(correct), device=device), distributed).item() / len(samples)
+    return all_reduce(torch.tensor(float(correct), device=device), distributed).item() / len(samples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+# the base model's files a checkpoint does not copy: its weights, and the files save_checkpoint writes itself
+NOT_COPIED = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "config.json", "generation_config.json",
+              "trainer_state.json")
 
 
 def checkpoint_dirs(output_dir):
@@ -443,9 +499,16 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n.split("-")[1]))]
 
 
+def checkpoint_score(trainer_state):
+    """What picks the best checkpoint, kept besides the latest (lower is better; None: not evaluated)."""
+    return trainer_state.get("eval_loss")
+
+
 def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
-    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), plus what an exact resume
-    needs. Written to a .tmp folder, then renamed, so a crash never leaves a checkpoint that looks complete."""
+    """checkpoint-STEP/: the model (full, Hugging Face format) or the adapter (PEFT format), the base model's tokenizer
+    and processor files, and what an exact resume needs (optimizer, scheduler, RNG, trainer state). Written to a .tmp
+    folder, then renamed, so a crash never leaves a checkpoint that looks complete. Keeps the latest and the best by
+    checkpoint_score, up to --save_total_limit. -> the checkpoint's folder"""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -463,8 +526,8 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
         else:
             model.save_pretrained(tmp, state_dict=model_state)
         base = data.resolve_model(cfg.model)
-        for name in os.listdir(base) if os.path.isdir(base) else []:  # tokenizer, processor, chat template
-            if not name.endswith((".safetensors", ".safetensors.index.json", ".bin")) and name not in ("config.json", "generation_config.json", "training_state.pt", "trainer_state.json") \
+        for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in NOT_COPIED) \
                     and os.path.isfile(os.path.join(base, name)) and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy(os.path.join(base, name), tmp)
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -472,12 +535,11 @@ def save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed):
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(state, f, indent=2)
         os.replace(tmp, final)
-        # keep the latest and the best by eval loss, up to save_total_limit
-        dirs = checkpoint_dirs(cfg.output_dir)
-        scores = {}
+        dirs, scores = checkpoint_dirs(cfg.output_dir), {}
         for d in dirs:
             with open(os.path.join(d, "trainer_state.json")) as f:
-                scores[d] = json.load(f).get("eval_loss") or float("inf")
+                score = checkpoint_score(json.load(f))
+            scores[d] = float("inf") if score is None else score
         keep = {dirs[-1]} | set(sorted(dirs, key=lambda d: scores[d])[: max(cfg.save_total_limit - 1, 0)])
         for d in dirs:
             if d not in keep and cfg.save_total_limit > 0:
@@ -504,50 +566,12 @@ def load_checkpoint(path, model, optimizer, scheduler, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Logging
 
-def main(argv=None):
-    cfg = parse_config(argv)
-    distributed, rank, world_size, device = setup_distributed()
-    master = rank == 0
-    torch.manual_seed(cfg.seed)
-    if master:
-        check_output_dir(cfg)  # seconds, before the slow model load and data encoding
-        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-
-    vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
-    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
-                           cfg.trust_remote_code)
-    train, val, kept, lengths, encode_kwargs = load_data(cfg, encoder, rank, world_size, distributed)
-    plan_of = lambda epoch: data.make_plan(kept, lengths, cfg.per_device_train_batch_size, cfg.packing, cfg.max_length,
-                                           cfg.seed, epoch, rank, world_size)
-    steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise SystemExit("fewer micro-batches than --gradient_accumulation_steps: use more data or a smaller batch")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-
-    resume = cfg.resume_from_checkpoint
-    if resume == "latest":
-        found = checkpoint_dirs(cfg.output_dir)
-        resume = found[-1] if found else None
-    model, trainable, total = load_model(cfg, device, distributed, resume if cfg.train_type == "full" else None)
-    if distributed:
-        model = shard_model(model, cfg, device)
-    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer
-        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
-            layer.compile(dynamic=True)  # rows and images of any size without a recompile
-    groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=True)  # fused: also the only AdamW that can skip a step on the GPU (found_inf)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None, "skipped_steps": 0}
-    if resume:
-        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
-        if master:
-            print(f"resumed from {resume} at step {state['step']}")
-    if master:
-        print(f"{len(kept)} training examples, {len(val)} validation; {steps_per_epoch} steps per epoch, {total_steps} steps; "
-              f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); {world_size} process(es) on {device.type}")
+def open_log(cfg, master):
+    """-> log(metrics): a line of metrics.jsonl, printed, and sent to --report_to's tracker (on the master process
+    only); log.close() closes the tracker (which may hold the last metrics until then) and the file."""
+    file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
     tracker = None
     if master and cfg.report_to == "wandb":
         import wandb
@@ -557,13 +581,12 @@ def main(argv=None):
         from torch.utils.tensorboard import SummaryWriter
 
         tracker = SummaryWriter(cfg.output_dir)
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
 
     def log(metrics):
         if not master:
             return
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
+        file.write(json.dumps(metrics) + "\n")
+        file.flush()
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
         if cfg.report_to == "wandb":
             tracker.log(metrics, step=metrics["step"])
@@ -571,13 +594,70 @@ def main(argv=None):
             for k, v in metrics.items():
                 tracker.add_scalar(k, v, metrics["step"])
 
+    def close():
+        if tracker is not None:
+            tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+        if file is not None:
+            file.close()
+
+    log.close = close
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    distributed, rank, world_size, device = setup_distributed()
+    master = rank == 0
+    start_time = time.time()
+    torch.manual_seed(cfg.seed)
+    if master:
+        check_output_dir(cfg)  # seconds, before the slow model load and data encoding
+        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
+    encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
+                           cfg.trust_remote_code)
+    train, val, kept, lengths, encode_kwargs = load_data(cfg, encoder, rank, world_size)
+    plan_of = lambda epoch: data.make_plan(kept, lengths, cfg.per_device_train_batch_size, cfg.packing, cfg.max_length,
+                                           cfg.seed, epoch, rank, world_size)
+    steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise SystemExit("fewer micro-batches than --gradient_accumulation_steps: use more data or a smaller batch")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest":
+        resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
+    model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
+    if distributed:
+        model = shard_model(model, cfg, device)
+    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
+            layer.compile(dynamic=True)  # rows and images of any size without a recompile
+    groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    state = {"step": 0, "epoch": 0, "batch": 0, "eval_loss": None, "skipped_steps": 0}
+    if resume:
+        state = {"skipped_steps": 0, **load_checkpoint(resume, model, optimizer, scheduler, cfg)}
+        if master:
+            print(f"resumed from {resume} at step {state['step']}")
+    if master:
+        print(f"{len(kept)} training examples, {len(val)} validation; {steps_per_epoch} steps per epoch, {total_steps} steps; "
+              f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trainable ({cfg.train_type}); {world_size} process(es) on {device.type}")
+    log = open_log(cfg, master)
+
     def evaluate():
         result = {"step": state["step"], "eval_loss": evaluate_loss(model, val, encoder, cfg, device, rank, world_size, distributed)}
         if cfg.eval_generate > 0:
-            result["eval_accuracy"] = evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed)
+            result["eval_accuracy"] = evaluate_accuracy(model, val, encoder, cfg, device, rank, world_size, distributed,
+                                                        cfg.per_device_train_batch_size)
         state["eval_loss"] = result["eval_loss"]
         log(result)
-        return result
 
     model.train()
     window = {"loss": torch.zeros(2, device=device), "tokens": 0, "time": time.time()}  # summed NLL, labelled tokens
@@ -591,65 +671,29 @@ def main(argv=None):
     if cfg.save_on_sigterm:
         default_sigterm = signal.signal(signal.SIGTERM, lambda *_: sigterm.update(received=True))
     stop, bad_in_a_row, checkpoint_path = False, 0, None
-    outcomes = []  # (flags [nonfinite, SIGTERM] on their way to the host, the event that marks their arrival) per step
-
-    def due(every):  # a step on which something happens every `every` steps (and the last step)
-        return every > 0 and (state["step"] % every == 0 or state["step"] == total_steps)
-
     while state["step"] < total_steps and not stop:
         plan = plan_of(state["epoch"])
         loader = iter(make_loader(cfg, train, encoder, plan[state["batch"]:], encode_kwargs))
         while state["step"] < total_steps and not stop and state["batch"] + cfg.gradient_accumulation_steps <= len(plan):
             micro_batches = [next(loader) for _ in range(cfg.gradient_accumulation_steps)]
             state["batch"] += cfg.gradient_accumulation_steps
-            # normalise by the labelled tokens of the whole global batch, counted before any backward
-            n_tokens = sum(int((b["labels"] != data.IGNORE).sum()) for b in micro_batches)
-            n_global = all_reduce_sum(torch.full((), float(n_tokens), device=device), distributed)  # (a fill: no sync)
-            step_sums = torch.zeros(2, device=device)  # this step's summed NLL and labelled tokens
-            for i, batch in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                if distributed:
-                    model.set_requires_gradient_sync(last)  # reduce gradients once per step, not per micro-batch
-                logps, n = token_logps(model, batch, device)
-                loss = -logps.sum() / n_global * world_size  # FSDP averages gradients over processes
-                loss.backward()
-                step_sums[0] -= logps.detach().sum()
-                step_sums[1] += n
-                window["tokens"] += batch["input_ids"].numel()
-            grad_norm = clip_grad_norm(model, cfg.max_grad_norm, device, distributed)
-            # no host sync in the step: a step whose loss or gradient norm is NaN/inf on any process is skipped on the GPU
-            # (fused AdamW leaves weights and moments untouched when found_inf is 1), and the host reads what happened
-            # (skipped? SIGTERM?) a step later, once the GPU is past it, or at once before logging, evaluating or saving
-            finite = torch.isfinite(step_sums[0]) & torch.isfinite(grad_norm)
-            flags = all_reduce_sum(torch.stack([~finite, finite.new_full((), sigterm["received"])]).float(), distributed) > 0
-            # (offloaded, AdamW runs on the host, which must not read found_inf before its copy has landed)
-            optimizer.found_inf = flags[0].float().cpu() if cfg.offload_optimizer else flags[0].float()
-            optimizer.step()
-            window["loss"] += torch.where(flags[0], 0.0, step_sums)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_sums = train_step(model, micro_batches, device, world_size, distributed)
+            grad_norm, skipped, stop = optimizer_step(model, optimizer, scheduler, step_sums[0], cfg, device, distributed,
+                                                      sigterm["received"])
             state["step"] += 1
+            state["skipped_steps"] += skipped  # no update from it; the step count and the data still advance
+            bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+            if not skipped:
+                window["loss"] += step_sums
+            window["tokens"] += sum(b["input_ids"].numel() for b in micro_batches)
             if progress:
                 progress.update(1)
-            copied = torch.cuda.Event() if device.type == "cuda" else None  # recorded after the copy is queued
-            outcomes.append((flags.to("cpu", non_blocking=True), copied))
-            if copied:
-                copied.record()
-            boundary = due(cfg.logging_steps) or val and due(cfg.eval_steps) or due(cfg.save_steps)
-            while outcomes and (len(outcomes) > 1 or boundary or stop or bad_in_a_row >= cfg.max_bad_steps):
-                outcome, copied = outcomes.pop(0)
-                if copied:
-                    copied.synchronize()
-                nonfinite, received = outcome.tolist()
-                state["skipped_steps"] += nonfinite
-                bad_in_a_row = bad_in_a_row + 1 if nonfinite else 0
-                stop = stop or received
-            if due(cfg.logging_steps) or bad_in_a_row >= cfg.max_bad_steps:
-                summed = all_reduce_sum(window["loss"].clone(), distributed)
-                tokens = all_reduce_sum(torch.tensor(float(window["tokens"]), device=device), distributed).item()
+            if due(cfg.logging_steps, state["step"], total_steps) or bad_in_a_row >= cfg.max_bad_steps:
+                summed = all_reduce(window["loss"].clone(), distributed)
+                tokens = all_reduce(torch.tensor(float(window["tokens"]), device=device), distributed).item()
                 elapsed = time.time() - window["time"]
                 metrics = {"step": state["step"], "loss": (summed[0] / summed[1]).item(),  # nan when every step was skipped
-                           "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                            "epoch": state["epoch"] + state["batch"] / len(plan), "tokens_per_s": tokens / elapsed / world_size,
                            "skipped_steps": state["skipped_steps"]}
                 if device.type == "cuda":
@@ -663,9 +707,9 @@ def main(argv=None):
                                  f"in a row ({state['skipped_steps']} skipped in all; none changed the weights, so every checkpoint "
                                  f"is finite). Try a lower --learning_rate or --max_grad_norm, check the data (python data.py "
                                  f"check FILE), keep bf16 rather than fp16 on GPU, or raise --max_bad_steps to skip more")
-            if val and not stop and due(cfg.eval_steps):
+            if val and not stop and due(cfg.eval_steps, state["step"], total_steps):
                 evaluate()
-            if stop or due(cfg.save_steps):
+            if stop or due(cfg.save_steps, state["step"], total_steps):
                 checkpoint_path = save_checkpoint(model, optimizer, scheduler, cfg, state, rank, distributed)
         if state["batch"] + cfg.gradient_accumulation_steps > len(plan):
             state["epoch"], state["batch"] = state["epoch"] + 1, 0
@@ -677,9 +721,8 @@ def main(argv=None):
         print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {total_steps}; to go on, run the same command "
               f"with --resume_from_checkpoint latest", flush=True)
     elif master:
-        print(f"done: {state['step']} steps; checkpoints in {cfg.output_dir}")
-    if tracker is not None:  # the last metrics are still buffered until the tracker is closed
-        tracker.finish() if cfg.report_to == "wandb" else tracker.close()
+        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
+    log.close()
     if distributed:
         dist.destroy_process_group()
 

@@ -131,8 +131,8 @@ def test_mu_1_step_equals_sft_step_by_hand(tmp_path):
     samples = data.load_dataset([data.demo_path("sft", "train") + "#32"], "sft", seed=42)
     first = data.make_plan(list(range(len(samples))), [0] * len(samples), 4, False, 2048, seed=42, epoch=0)[0]
     batch = data.collate([encoder(samples[j], train_on="assistant") for j in first], packing=True)
-    logps, n = train_sft.token_logps(model, batch, torch.device("cpu"))
-    (-logps.sum() / n).backward()
+    logps, _ = train_sft.token_logps(model, batch, torch.device("cpu"))
+    (-logps.sum() / len(logps)).backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0).step()
     model.save_pretrained(str(tmp_path / "by_hand" / "checkpoint-1"))  # the file's key names, as the run's checkpoint

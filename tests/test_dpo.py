@@ -177,7 +177,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path):
     from torch._dynamo.utils import counters
 
     cfg = train_dpo.parse_config(run_args(tmp_path, "--gradient_checkpointing", "true", "--gradient_checkpointing_layers", "1"))
-    model, _, _ = train_dpo.load_model(cfg, torch.device("cpu"), False)
+    model, _, _ = train_dpo.load_model(cfg, torch.device("cpu"))
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)

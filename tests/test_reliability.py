@@ -245,8 +245,9 @@ def test_sft_too_many_bad_steps_in_a_row_stop_with_finite_checkpoints(tmp_path, 
         assert all(t.isfinite().all() for t in weights(checkpoint).values()), checkpoint
 
 
-def test_sft_bad_steps_between_log_lines_are_counted_a_step_late(tmp_path, monkeypatch):
-    """Between log, eval and save steps the host learns that a step was skipped one step later (no GPU wait)."""
+def test_sft_bad_steps_between_log_lines_are_counted_in_their_step(tmp_path, monkeypatch):
+    """Between log, eval and save steps too, a skipped step is counted in its own step (the step's one host sync
+    reads it), and too many in a row stop the run at the last of them."""
     token_logps = train_sft.token_logps
     poison = lambda n, result: (result[0] * math.nan, result[1]) if n in (2, 3) else result
     monkeypatch.setattr(train_sft, "token_logps", call_counter(token_logps, poison))
@@ -257,7 +258,7 @@ def test_sft_bad_steps_between_log_lines_are_counted_a_step_late(tmp_path, monke
     with pytest.raises(SystemExit) as stopped:
         train_sft.main(sft_args(tmp_path, tmp_path / "b", "--max_steps", "8", "--logging_steps", "100", "--save_steps", "0",
                                 "--max_bad_steps", "2"))
-    assert "stopped at step 4" in str(stopped.value) and "NaN/inf in 3 steps in a row" in str(stopped.value)
+    assert "stopped at step 3" in str(stopped.value) and "NaN/inf in 2 steps in a row" in str(stopped.value)
 
 
 def test_dpo_nonfinite_step_is_skipped_and_the_run_continues(tmp_path, monkeypatch):
@@ -272,8 +273,9 @@ def test_dpo_nonfinite_step_is_skipped_and_the_run_continues(tmp_path, monkeypat
     assert any(not torch.equal(two[n], three[n]) for n in two)
 
 
-def test_dpo_bad_steps_between_log_lines_are_counted_a_step_late(tmp_path, monkeypatch):
-    """Between log, eval and save steps the host learns that a step was skipped one step later (no GPU wait)."""
+def test_dpo_bad_steps_between_log_lines_are_counted_in_their_step(tmp_path, monkeypatch):
+    """Between log, eval and save steps too, a skipped step is counted in its own step (the step's one host sync
+    reads it), and too many in a row stop the run at the last of them."""
     dpo_loss = train_dpo.dpo_loss
     poison = lambda n, result: (result[0] * math.nan, *result[1:]) if n in (2, 3) else result
     monkeypatch.setattr(train_dpo, "dpo_loss", call_counter(dpo_loss, poison))
@@ -284,7 +286,7 @@ def test_dpo_bad_steps_between_log_lines_are_counted_a_step_late(tmp_path, monke
     with pytest.raises(SystemExit) as stopped:
         train_dpo.main(dpo_args(tmp_path / "b", "--max_steps", "6", "--logging_steps", "100", "--save_steps", "0",
                                 "--max_bad_steps", "2"))
-    assert "stopped at step 4" in str(stopped.value) and "NaN/inf in 3 steps in a row" in str(stopped.value)
+    assert "stopped at step 3" in str(stopped.value) and "NaN/inf in 2 steps in a row" in str(stopped.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,10 +361,11 @@ def test_trust_remote_code_reaches_from_pretrained(tmp_path, script, trust, monk
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", from_pretrained)
     args = dpo_args(tmp_path) if script is train_dpo else sft_args(tmp_path, tmp_path)
     cfg = script.parse_config(args + ["--trust_remote_code", trust])
-    calls = [dict(), dict(reference=True)] if script is train_dpo else [dict()]
-    for kwargs in calls:
-        with pytest.raises(StopIteration):
-            script.load_model(cfg, torch.device("cpu"), False, **kwargs)
+    cpu = torch.device("cpu")
+    calls = [lambda: script.load_model(cfg, cpu)] + ([lambda: train_dpo.load_reference(cfg, cpu, False)] if script is train_dpo else [])
+    for call in calls:
+        with pytest.raises(StopIteration):  # the policy and, for DPO, the frozen reference
+            call()
     assert seen == [trust == "true"] * len(calls)
 
 

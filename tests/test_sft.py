@@ -1,5 +1,6 @@
 """train_sft.py end to end on the tiny model: a short run, exact resume after SIGKILL, 2 processes vs 1."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 import data
-import train_chord
 import train_dpo
 import train_grpo
 import train_sft
@@ -99,7 +99,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, train_type):
         assert abs(got[step] - expected[step]) < 1e-6, (step, got[step], expected[step])
 
 
-@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo], ids=lambda m: m.__name__)
 @pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clipped", "unclipped"])
 def test_clip_grad_norm_equals_torchs(script, max_norm):
     """Each script's clip_grad_norm (one process; the shards' sum over processes is test_two_processes_match_one's):
@@ -119,6 +119,45 @@ def test_clip_grad_norm_equals_torchs(script, max_norm):
     assert 1.0 < float(norm) < 100.0 and torch.equal(norm, expected)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("bad", ["loss", "grad_norm"])
+def test_optimizer_step_skips_a_nonfinite_step(script, bad):
+    """A NaN loss or gradient norm: no update (the weights and AdamW's moments and step count as they were), the
+    schedule still advanced, the gradients cleared; the next finite step updates as if the bad one never came."""
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (step + 1))
+        return model, optimizer, scheduler
+
+    def backward(model, poisoned):
+        loss = model(torch.ones(3, 4)).square().sum()
+        (loss * math.nan if poisoned and bad == "grad_norm" else loss).backward()
+        return loss.detach() * math.nan if poisoned and bad == "loss" else loss.detach()
+
+    cfg, cpu = script.parse_config(["--max_grad_norm", "1.0"]), torch.device("cpu")
+    model, optimizer, scheduler = setup()
+    optimizer_step = lambda loss, sigterm=False: script.optimizer_step(model, optimizer, scheduler, loss, cfg, cpu, False, sigterm)
+    grad_norm, skipped, stop = optimizer_step(backward(model, poisoned=False))
+    assert math.isfinite(grad_norm) and not skipped and not stop
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    grad_norm, skipped, stop = optimizer_step(backward(model, poisoned=True), sigterm=True)
+    assert skipped and stop and (math.isnan(grad_norm) if bad == "grad_norm" else math.isfinite(grad_norm))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert all(torch.equal(optimizer.state_dict()["state"][0][k], v) for k, v in moments.items())
+    assert scheduler.last_epoch == 2 and all(p.grad is None for p in model.parameters())
+
+    # the same run without the bad step: one scheduler step fewer before the second update, so set it to match
+    expected, expected_optimizer, expected_scheduler = setup()
+    script.optimizer_step(expected, expected_optimizer, expected_scheduler, backward(expected, False), cfg, cpu, False, False)
+    expected_scheduler.step()
+    optimizer_step(backward(model, poisoned=False))
+    script.optimizer_step(expected, expected_optimizer, expected_scheduler, backward(expected, False), cfg, cpu, False, False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), expected.parameters()))
 
 
 def test_two_processes_match_one(tmp_path):
@@ -150,7 +189,7 @@ def test_partial_checkpointing_and_compile_change_speed_not_results(tmp_path, mo
 
     cfg = train_sft.parse_config(FAST + ["--model", model_name, "--gradient_checkpointing", "true",
                                          "--gradient_checkpointing_layers", "1"])
-    model, _, _ = train_sft.load_model(cfg, torch.device("cpu"), False)
+    model, _, _ = train_sft.load_model(cfg, torch.device("cpu"))
     assert [layer.gradient_checkpointing for layer in model.model.language_model.layers] == [True, False]
     for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # as main() does
         layer.compile(dynamic=True)
@@ -246,14 +285,14 @@ def bf16_group_of_one(monkeypatch):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord])
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo])
 def test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran(script, bf16_group_of_one):
     """bf16 compute as on a GPU: a text-only batch never runs the vision blocks, and FSDP2 still accumulates (fp32)
     gradients over micro-batches through every unit (it raised AttributeError on the GPU before shard_model gathered
     each unit once). Two accumulating backwards and a reducing one leave the trained weights with gradients."""
     cpu = torch.device("cpu")
     cfg = script.parse_config(["--model", "tiny-qwen2.5-vl", "--train_type", "lora"])
-    model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+    model = script.shard_model(script.load_model(cfg, cpu)[0], cfg, cpu)
     for last in (False, False, True):
         model.set_requires_gradient_sync(last)
         model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().square().mean().backward()
@@ -261,7 +300,7 @@ def test_sharded_model_accumulates_gradients_of_units_a_batch_never_ran(script, 
     assert grads and all(g is not None for g in grads)
 
 
-@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo, train_chord])
+@pytest.mark.parametrize("script", [train_sft, train_dpo, train_grpo])
 def test_sharded_vision_blocks_keep_their_rotary_in_float32(script, bf16_group_of_one):
     """bf16 compute as on a GPU: the vision blocks get their rotary cos/sin in fp32, as transformers computes them, and
     not cast to bf16 by FSDP2 (torch < 2.13 leaves a recomputed unit's inputs uncast, so a forward-only cast made the
@@ -271,7 +310,7 @@ def test_sharded_vision_blocks_keep_their_rotary_in_float32(script, bf16_group_o
     encoder = data.Encoder(data.resolve_model(cfg.model))
     example = encoder(data.load_dataset([data.demo_path("sft", "train") + "#1"], "sft", seed=0)[0])
     seen = []
-    model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+    model = script.shard_model(script.load_model(cfg, cpu)[0], cfg, cpu)
     for block in model.model.visual.blocks:
         block.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
             (args[0].dtype, kwargs["position_embeddings"][0].dtype)), with_kwargs=True)
@@ -294,14 +333,15 @@ def test_sharded_eval_generation_gathers_each_unit_once(script, kind, monkeypatc
                                "--per_device_train_batch_size", "2"])
     val = data.load_dataset([data.demo_path(kind, "val") + "#2"], kind, seed=0)
     encoder = data.Encoder(data.resolve_model(cfg.model))
-    plain = script.evaluate_accuracy(script.load_model(cfg, cpu, False)[0], val, encoder, cfg, cpu, 0, 1, False)
+    size = cfg.per_device_train_batch_size
+    plain = script.evaluate_accuracy(script.load_model(cfg, cpu)[0], val, encoder, cfg, cpu, 0, 1, False, size)
     gathers = count_gathers(monkeypatch)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = script.shard_model(script.load_model(cfg, cpu, True)[0], cfg, cpu)
+        model = script.shard_model(script.load_model(cfg, cpu)[0], cfg, cpu)
         gathers.clear()  # shard_model's own gather of every unit, once
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        assert script.evaluate_accuracy(model, val, encoder, cfg, cpu, 0, 1, True) == plain
+        assert script.evaluate_accuracy(model, val, encoder, cfg, cpu, 0, 1, True, size) == plain
         assert 0 < len(gathers) <= len(units)  # once per unit; every token's forward would gather each unit again
         assert all(isinstance(p, DTensor) for p in model.parameters())  # resharded
         model(input_ids=torch.tensor([[1, 2, 3]]))
