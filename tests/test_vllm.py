@@ -1,0 +1,457 @@
+"""vLLM rollouts (train_grpo.py --use_vllm) against the built-in rollout, on CPU with real vLLM and the tiny models: the same greedy
+completions token for token on image prompts, the same log-probabilities, and the same again after the trainer's weights
+change and are synced (full fine-tuning, LoRA adapter, LoRA merged). Skipped where vLLM is not installed; the venv:
+    bash tests/vllm_venv.sh && .venv-vllm/bin/python -m pytest -q tests/test_vllm.py"""
+
+import collections
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import data  # noqa: E402
+import train_grpo  # noqa: E402
+
+torch.set_num_threads(1)  # before vLLM's CPU worker binds its threads: with two each, in-process generation is ~50x slower
+CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]
+
+
+def config(model_name, *args, **vllm_fields):
+    """train_grpo's Config from a command line, with --use_vllm true and the vLLM fields given."""
+    cfg = train_grpo.parse_config(["--model", model_name, "--max_completion_length", "12", "--use_vllm", "true", *args])
+    return dataclasses.replace(cfg, **vllm_fields)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """One engine per (model, LoRA adapters on), started on first use and shared by the module's tests."""
+    started = {}
+
+    def get(model_name, lora=False):
+        if (model_name, lora) not in started:
+            cfg = config(model_name, *(["--train_type", "lora"] if lora else []))
+            started[model_name, lora] = train_grpo.vllm_engine(cfg, CPU, max_media=(1, 1))
+        return started[model_name, lora]
+
+    yield get
+    started.clear()
+
+
+@pytest.fixture(scope="module")
+def prompts(media):
+    """Demo prompts; one with a long preamble (vLLM's CPU backend caches prefixes in blocks of 128 tokens); the demo
+    question on pictures that smart_resize scales down (300x200) and up (12x20), and on a video: each vision token
+    count comes from data.py's resizing."""
+    samples = data.load_dataset(["demo#2"], "rl", seed=0)
+    question = samples[0].messages
+    long = "<image>" + "Look at the picture and think. " * 10 + question[0]["content"].replace("<image>", "")
+    extra = [dataclasses.replace(samples[0], messages=[{"role": "user", "content": long}]),  # > 1 KV block: prefix-cached
+             dataclasses.replace(samples[0], images=[media["big.png"]]),
+             dataclasses.replace(samples[1], images=[media["small.png"]])]
+    if importlib.util.find_spec("decord"):  # data.py reads videos with decord (tests/vllm_venv.sh installs it where it can)
+        extra.append(dataclasses.replace(samples[0], images=[], videos=[media["video.avi"]],
+                                         messages=[{"role": "user", "content": question[0]["content"].replace("<image>", "<video>")}]))
+    return samples + extra
+
+
+def sync_base(llm, model_name, lora=False):
+    """The engine back to the checkpoint's weights (tests share engines and change their weights)."""
+    cfg = config(model_name, *(["--train_type", "lora"] if lora else []))
+    model = train_grpo.load_model(cfg, CPU)[0]
+    return train_grpo.vllm_sync_weights(llm, model, cfg)
+
+
+def completion_logits(model, encoder, prompt, completion):
+    """A plain forward of prompt + completion -> the logits that predict each completion token [len(completion), V]."""
+    device = next(model.parameters()).device
+    example = {k: v.to(device) for k, v in train_grpo.completion_example(prompt, completion, encoder).items()}
+    ids = example["input_ids"]
+    vision = {k: example[k] for k in data.VISION_KEYS if k in example}
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                              position_ids=example["position_ids"][:, None], **vision).logits[0].float().cpu()
+    n = len(prompt["input_ids"])
+    return logits[n - 1 : n - 1 + len(completion)]
+
+
+def masked_logps(model, encoder, prompt, completion, temperature=1.0):
+    """The log-probability of each completion token under softmax(logits / T) over every token but the suppressed
+    vision placeholders (what both rollouts sample from)."""
+    logits = completion_logits(model, encoder, prompt, completion)
+    logits[:, encoder.tokenizer.convert_tokens_to_ids(train_grpo.VLLM_SUPPRESSED)] = -math.inf
+    return (logits / temperature).log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def perturb(model, seed, scale=0.05):
+    """Noise on every weight (relative to each weight's spread)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * scale * p.float().std().clamp(min=1e-3))
+
+
+def stop_on(model, encoder, token):
+    """<|im_end|>'s output row becomes 1.1 x `token`'s: where the model would say `token` (with a positive logit) it
+    now ends its reply, so completions of several lengths end with the stop token."""
+    with torch.no_grad():
+        model.lm_head.weight[encoder.im_end] = model.lm_head.weight[token] * 1.1
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_greedy_completions_equal_builtin_rollout(engines, prompts, model_name):
+    """The same prompt samples through vllm_rollout and train_grpo.rollout (greedy): the same token ids, texts, and the
+    same prompt tokens (vllm_rollout raises if vLLM's processor expanded an image to other vision tokens), with the
+    processor's pixel bounds and with tighter ones."""
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    cfg = config(model_name)
+    model = train_grpo.load_model(cfg, CPU)[0]
+    for vision in (data.VisionConfig(), data.VisionConfig(min_pixels=28 * 28 * 4, max_pixels=56 * 84)):
+        encoder = data.Encoder(data.resolve_model(model_name), vision)
+        encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+        expected, expected_texts = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)
+        got, texts, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)
+        assert got == expected and texts == expected_texts
+        assert [len(c) for c in got] == [len(lp) for lp in logprobs] and max(map(len, got)) == cfg.max_completion_length
+    assert len({len(e["input_ids"]) for e in encoded}) > 2  # the pictures and the video gave different token counts
+
+
+def test_logprobs_match_the_trainer_greedy_and_sampled(engines, prompts):
+    """vLLM's log-probability of each token it chose equals the trainer's (a plain forward, softmax(logits / T) without
+    the suppressed tokens): greedy (T = 1), and sampled at T = 0.7, where the same seeds give the same completions and
+    other seeds others."""
+    model_name = "tiny-qwen2.5-vl"
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    cfg = config(model_name, "--num_generations", "3", "--per_device_train_batch_size", "3", "--temperature", "0.7")
+    model = train_grpo.load_model(cfg, CPU)[0]
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts[:3]]
+    got, _, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, greedy=True)
+    for prompt, completion, lp in zip(encoded, got, logprobs):
+        torch.testing.assert_close(torch.tensor(lp), masked_logps(model, encoder, prompt, completion), atol=1e-4, rtol=0)
+    seeds = list(range(100, 109))
+    sampled, _, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, seeds=seeds)
+    for i, (completion, lp) in enumerate(zip(sampled, logprobs)):
+        torch.testing.assert_close(torch.tensor(lp), masked_logps(model, encoder, encoded[i // 3], completion, 0.7),
+                                   atol=1e-4, rtol=0)
+    again = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, seeds=seeds)[0]
+    other = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, seeds=[s + 1 for s in seeds])[0]
+    assert again == sampled and other != sampled and len(set(map(tuple, sampled))) > 3
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_full_weight_sync_gives_the_changed_models_completions(engines, prompts, model_name):
+    """Full fine-tuning: every weight changed in the trainer, then vllm_sync_weights; vLLM's greedy completions are the
+    changed model's built-in ones (and not the old ones), twice in a row (the caches were reset)."""
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    cfg = config(model_name)
+    model = train_grpo.load_model(cfg, CPU)[0]
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    before = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0]
+    for seed in (1, 2):
+        perturb(model, seed)
+        expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+        if seed == 2:  # the second time, replies that stop: the stop token is kept, as the built-in rollout keeps it
+            stop_on(model, encoder, collections.Counter(t for c in expected for t in c[2:]).most_common(1)[0][0])
+            expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+            assert [c[-1] for c in expected].count(encoder.im_end) >= 2 and len({len(c) for c in expected}) >= 2
+        assert expected != before
+        assert train_grpo.vllm_sync_weights(llm, model, cfg) is None
+        assert train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0] == expected
+        before = expected
+
+
+def test_full_sync_from_an_fsdp2_sharded_policy(engines, prompts, monkeypatch):
+    """The policy sharded by train_grpo.shard_model (FSDP2 over the group of one that vLLM's in-process engine set up):
+    vllm_sync_weights gathers one DTensor at a time, when vLLM asks for it (a few alive at once: vLLM buffers a fused
+    layer's parts until the layer is whole), and vLLM then completes as the sharded policy does."""
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    model_name = "tiny-qwen2.5-vl"
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    assert dist.is_initialized() and dist.get_world_size() == 1
+    cfg = config(model_name)
+    model = train_grpo.load_model(cfg, CPU)[0]
+    perturb(model, 5)
+    model = train_grpo.shard_model(model, cfg, CPU)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+    gathered, most_alive, full_tensor = [], [0], DTensor.full_tensor
+
+    def counted(self, *args, **kwargs):
+        out = full_tensor(self, *args, **kwargs)
+        gathered.append(weakref.ref(out))
+        most_alive[0] = max(most_alive[0], sum(r() is not None for r in gathered))
+        return out
+
+    monkeypatch.setattr(DTensor, "full_tensor", counted)
+    train_grpo.vllm_sync_weights(llm, model, cfg)
+    monkeypatch.undo()
+    # at most one fused layer's tensors alive at once (q, k, v weights and biases: 6), never the whole model (57)
+    assert len(gathered) == len(list(model.parameters())) and most_alive[0] <= 6
+    assert train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0] == expected
+
+
+def test_vision_placeholders_are_never_sampled(engines, prompts):
+    """A model whose top choice is often <|vision_start|> or <|image_pad|> (their output rows made 1.2 x and 1.1 x a
+    common token's): neither rollout picks them, greedy (the same completions) or sampled."""
+    model_name = "tiny-qwen2.5-vl"
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    cfg = config(model_name, "--num_generations", "2")
+    model = train_grpo.load_model(cfg, CPU)[0]
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    plain = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+    common = collections.Counter(t for c in plain for t in c).most_common(1)[0][0]
+    suppressed = encoder.tokenizer.convert_tokens_to_ids(train_grpo.VLLM_SUPPRESSED)
+    with torch.no_grad():
+        for token, factor in ((suppressed[2], 1.2), (suppressed[0], 1.1)):
+            model.lm_head.weight[token] = model.lm_head.weight[common] * factor
+    train_grpo.vllm_sync_weights(llm, model, cfg)
+    expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+    assert train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0] == expected
+    sampled = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, seeds=list(range(2 * len(prompts))))[0]
+    assert not {t for c in expected + sampled for t in c} & set(suppressed)
+    top = [completion_logits(model, encoder, p, c).argmax(-1).tolist() for p, c in zip(encoded, expected)]
+    assert sum(t in suppressed for row in top for t in row) >= 5  # unsuppressed, the model would have said them
+
+
+@pytest.mark.parametrize("sync", ["adapter", "merged"])
+def test_lora_sync_gives_the_adapted_models_completions(engines, prompts, sync):
+    """LoRA with random non-zero A and B: the adapter as a vLLM LoRA (adapter), or merged into the base weights on the
+    fly (merged); vLLM's greedy completions are the adapted model's built-in ones, not the base's, after two syncs."""
+    model_name = "tiny-qwen2.5-vl"
+    llm = engines(model_name, lora=sync == "adapter")
+    sync_base(llm, model_name, lora=sync == "adapter")
+    cfg = config(model_name, "--train_type", "lora", "--lora_rank", "8", "--lora_alpha", "16", vllm_lora_sync=sync)
+    model = train_grpo.load_model(cfg, CPU)[0]
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    base = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0]
+    assert base == train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]  # B = 0
+    for seed in (3, 4):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in train_grpo.lora.lora_layers(model):
+                layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.3)
+                layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.3)
+        expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+        assert expected != base
+        lora_request = train_grpo.vllm_sync_weights(llm, model, cfg)
+        assert (lora_request is None) == (sync == "merged")
+        got = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True, lora_request=lora_request)[0]
+        assert got == expected
+        if sync == "adapter":
+            assert llm.llm_engine.list_loras() == {lora_request.lora_int_id}  # the previous adapter was removed
+    sync_base(llm, model_name, lora=sync == "adapter")
+
+
+def test_sleep_and_wake_are_no_ops_on_cpu(engines, prompts):
+    """vLLM's CPU backend has no sleep mode: vllm_sleep / vllm_wake leave the engine as it was."""
+    model_name = "tiny-qwen2.5-vl"
+    llm = engines(model_name)
+    sync_base(llm, model_name)
+    cfg = config(model_name, sleep_level=1)
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts[:2]]
+    before = train_grpo.vllm_rollout(llm, encoder, prompts[:2], encoded, cfg, greedy=True)[0]
+    train_grpo.vllm_sleep(llm, cfg)
+    train_grpo.vllm_wake(llm, cfg)
+    assert train_grpo.vllm_rollout(llm, encoder, prompts[:2], encoded, cfg, greedy=True)[0] == before
+
+
+def test_importance_weights_and_logprob_diff():
+    """w_t = min(exp(old_t - vllm_t), cap) on completion tokens, 0 elsewhere; the diff is the mean |old - vllm|."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    sampled = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    weights, diff = train_grpo.vllm_importance_weights(old, sampled, mask, cap=3.0)
+    torch.testing.assert_close(weights, torch.tensor([[math.exp(0.5), math.exp(-1.0), 0.0], [3.0, 1.0, 0.0]]))
+    assert diff.item() == pytest.approx((0.5 + 1.0 + 1.9 + 0.0) / 4)
+    assert train_grpo.vllm_logps([[-1.5, -1.0], [-2.0, -3.0]], mask).tolist() == [[-1.5, -1.0, 0.0], [-2.0, -3.0, 0.0]]
+
+
+
+# ----------------------------------------------------------------------------- on a GPU (vLLM 0.26 on the H200s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 engine, sleep mode and CUDA-side reload need a GPU")
+def test_gpu_colocate_sync_sleep_and_lora(prompts):
+    """In a process group of one, as train_grpo.setup_distributed makes it on one GPU: vLLM's log-probabilities are the
+    trainer's (bf16 on both sides: mean difference < 0.02); a changed policy synced in changes the completions and the
+    checkpoint's weights synced back restore them exactly; so does a sync after sleeping at level 1 (which frees
+    memory) and level 2; a LoRA adapter (a second engine) gives the adapted policy's log-probabilities, twice."""
+    import torch.distributed as dist
+
+    cuda = torch.device("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    model_name = "tiny-qwen2.5-vl"
+    cfg = config(model_name, sleep_level=1, vllm_gpu_memory_utilization=0.2)
+    llm = train_grpo.vllm_engine(cfg, cuda, max_media=(1, 1))
+    encoder = data.Encoder(data.resolve_model(model_name))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    base = train_grpo.load_model(cfg, cuda)[0]
+
+    def diff_to_trainer(model, completions, logprobs):  # -> (mean, max) |vLLM - trainer| over the completion tokens
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            diffs = torch.cat([(torch.tensor(lp) - masked_logps(model, encoder, prompt, completion)).abs()
+                               for prompt, completion, lp in zip(encoded, completions, logprobs)])
+        return diffs.mean().item(), diffs.max().item()
+
+    def close_to_trainer(model, completions, logprobs):  # bf16 on both sides (LoRA: vLLM's kernels, the trainer's fp32 A, B)
+        mean, most = diff_to_trainer(model, completions, logprobs)
+        assert mean < 0.02 and most < 0.15, (mean, most)
+
+    first, _, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)
+    close_to_trainer(base, first, logprobs)
+    changed = train_grpo.load_model(cfg, cuda)[0]
+    perturb(changed, 6, scale=0.3)
+    train_grpo.vllm_sync_weights(llm, changed, cfg)
+    second, _, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)
+    assert second != first
+    close_to_trainer(changed, second, logprobs)
+    for level in (1, 2):
+        cfg.sleep_level = level
+        before = torch.cuda.mem_get_info()[0]
+        train_grpo.vllm_sleep(llm, cfg)
+        assert torch.cuda.mem_get_info()[0] > before + (1 << 28)  # the KV cache (and at level 2 the weights) freed
+        train_grpo.vllm_wake(llm, cfg, ["weights"])
+        train_grpo.vllm_sync_weights(llm, base, cfg)
+        train_grpo.vllm_wake(llm, cfg, ["kv_cache"])
+        assert train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)[0] == first, level
+
+    cfg = config(model_name, "--train_type", "lora", vllm_gpu_memory_utilization=0.2)
+    llm = train_grpo.vllm_engine(cfg, cuda, max_media=(1, 1))
+    model = train_grpo.load_model(cfg, cuda)[0]
+    for seed in (7, 8):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in train_grpo.lora.lora_layers(model):
+                for w in (layer.lora_A.weight, layer.lora_B.weight):
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        lora_request = train_grpo.vllm_sync_weights(llm, model, cfg)
+        adapted, _, logprobs = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True, lora_request=lora_request)
+        assert adapted != first and llm.llm_engine.list_loras() == {lora_request.lora_int_id}
+        close_to_trainer(model, adapted, logprobs)
+        with train_grpo.lora.disable_adapters(model):  # (the base model is far from them: the adapter was applied)
+            assert diff_to_trainer(model, adapted, logprobs)[0] > 0.2
+
+# ----------------------------------------------------------------------------- server mode: vLLM's own OpenAI server
+
+
+@pytest.fixture(scope="module")
+def server():
+    """vLLM's OpenAI server of the tiny Qwen2.5-VL on 127.0.0.1, started with train_grpo.vllm_server_command plus the
+    CPU settings, ended by its process group id (its engine runs in a child process). -> the config that reaches it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config("tiny-qwen2.5-vl", vllm_mode="server", vllm_server_port=port, vllm_server_timeout=120)
+    command = [sys.executable, *train_grpo.vllm_server_command(cfg, max_media=(1, 0))[1:], "--dtype", "float32",
+               "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(os.path.join(os.path.dirname(data.resolve_model(cfg.model)), f"vllm-server-{port}.log"), "w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        cfg.served_model = train_grpo.vllm_server_wait(cfg)
+        yield cfg, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=30)
+        log.close()
+
+
+def test_server_rollouts_equal_colocate(engines, prompts, server):
+    """The same prompts through the server and through the in-process engine: the same prompt tokens (checked inside),
+    the same greedy completions (the built-in rollout's), the same log-probabilities; sampled with the same seeds, the
+    same completions (one vLLM sampler, one seed per request)."""
+    cfg, _ = server
+    llm = engines("tiny-qwen2.5-vl")
+    sync_base(llm, "tiny-qwen2.5-vl")
+    cfg.num_generations, cfg.temperature = 2, 0.8
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    images = [s for s in prompts if not s.videos]
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in images]
+    model = train_grpo.load_model(config(cfg.model), CPU, False)[0]
+    expected = train_grpo.rollout(model, encoder, images, cfg, CPU, greedy=True, prompts=encoded)[0]
+    got, texts, logprobs = train_grpo.vllm_server_rollout(cfg.served_model, encoder, images, encoded, cfg, greedy=True)
+    local, _, local_logprobs = train_grpo.vllm_rollout(llm, encoder, images, encoded, cfg, greedy=True)
+    assert got == expected == local
+    for a, b in zip(logprobs, local_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    seeds = list(range(7, 7 + 2 * len(images)))
+    sampled = train_grpo.vllm_server_rollout(cfg.served_model, encoder, images, encoded, cfg, seeds=seeds)[0]
+    assert sampled == train_grpo.vllm_rollout(llm, encoder, images, encoded, cfg, seeds=seeds)[0] and sampled != got[:1] * len(got)
+
+
+def test_server_errors_name_the_server(server, prompts, monkeypatch):
+    """No server at the address: the run stops at once with the command that starts one. A server that stops
+    answering mid-run: the request is retried, then the error names the server."""
+    cfg, process = server
+    absent = types.SimpleNamespace(**{**vars(cfg), "vllm_server_port": cfg.vllm_server_port + 1, "vllm_server_timeout": 1})
+    with pytest.raises(SystemExit, match=rf"(?s)no vLLM server at 127.0.0.1:{absent.vllm_server_port} .*VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server"):
+        train_grpo.vllm_server_wait(absent)
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+    monkeypatch.setattr(train_grpo, "VLLM_SERVER_RETRIES", 2)
+    encoder = data.Encoder(data.resolve_model(cfg.model))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts[:1]]
+    with pytest.raises(ConnectionError, match=rf"127.0.0.1:{cfg.vllm_server_port}/v1/chat/completions did not answer"):
+        train_grpo.vllm_server_rollout(cfg.served_model, encoder, prompts[:1], encoded, cfg, greedy=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole loop: train_grpo.main with --use_vllm true
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_main_with_vllm_keeps_vllm_on_the_policy(tmp_path, train_type):
+    """A CPU run of train_grpo.py with colocated vLLM: after every optimizer step the weights reach the engine, so
+    vLLM's log-probabilities of its own samples stay as close to the trainer's as before the first step while the
+    policy moves fast (random rewards, a high learning rate: a missed sync shows as a diff 10x larger), with truncated
+    importance sampling on; the run writes its metrics and checkpoint as a built-in run does. (The diff is not 0:
+    vLLM samples with the vision placeholders suppressed, the trainer scores over the whole vocabulary, and the tiny
+    random model puts ~1% of its mass on those 4 tokens.)"""
+    args = ["--dataset", "demo#8", "--val_dataset", "demo#2", "--num_workers", "0", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "6", "--max_steps", "3", "--eval_steps", "0",
+            "--save_steps", "3", "--learning_rate", "1e-2", "--use_vllm", "true", "--train_type", train_type,
+            "--vllm_importance_sampling_correction", "true", "--reward_funcs", "random", "--output_dir", str(tmp_path)]
+    # a process of its own, as a user runs it (this one holds the module's engines and their process group)
+    subprocess.run([sys.executable, "train_grpo.py", *args], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps)
+    diffs = [r["vllm_logprob_diff"] for r in steps]
+    assert diffs[0] < 0.02 and all(d < 2 * diffs[0] for d in diffs), diffs
+    assert steps[0]["weight_sync_s"] < 1e-3 < steps[1]["weight_sync_s"]  # a fresh engine has the checkpoint's weights
+    assert (tmp_path / "checkpoint-3").is_dir()
