@@ -6,7 +6,8 @@ The contract. A reward is a plain function
 
 `completions` are the generated texts of one batch. `columns` holds every extra field of the RL records
 (`solution`, ...), each a list aligned with `completions`, plus `prompts`; the trainer may add
-`completion_lengths` (tokens per completion) and `max_completion_length`. A reward takes the columns it needs
+`completion_lengths` (tokens per completion), `max_completion_length` and the judge's settings (`judge_url`,
+`judge_model`, `judge_prompt`, `judge_max_concurrency`: its --judge_* flags). A reward takes the columns it needs
 by name and ignores the rest through `**kwargs`. It returns one value per completion: a number, or `None` for
 "not applicable" (e.g. no `solution` in that record), which is left out of the weighted sum. When every reward
 is `None` for a completion, its total is 0.0.
@@ -51,6 +52,10 @@ import re
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -259,9 +264,124 @@ def random(completions, **kwargs):
     return [_random.random() for _ in completions]
 
 
+# ----------------------------------------------------------------------------- a judge model
+
+JUDGE_PROMPT = """You are grading a response to a question. Any image the question refers to is not shown to you.
+
+Question:
+{question}
+
+Reference answer:
+{solution}
+
+Response:
+{completion}
+
+Rate how correct and complete the response is, compared with the reference answer, from 0 (wrong or no answer) to 10
+(correct and complete). Explain in one or two sentences, then end with a line `Score: N`, N an integer from 0 to 10."""
+
+JUDGE_SLOTS = re.compile(r"\{(question|completion|solution)\}")
+JUDGE_REQUEST_TIMEOUT = 600.0  # seconds one judge request may take (--reward_timeout bounds the whole batch)
+
+_SCORE = re.compile(r"score(?:\s*(?:of|is))?[\s:*=]{0,5}(\d+(?:\.\d+)?)(?:\s*/\s*10\b)?"  # Score: 7, **Score:** 7/10
+                    r"|(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b"  # 8/10, 8 out of 10
+                    r"|^\s*(\d+(?:\.\d+)?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)  # a line that is a number
+
+
+def judge_score(reply: str) -> float | None:
+    """The 0-10 score in a judge's reply: the last `Score: 7` (`**Score:** 7/10`, `score is 7.5`), `8/10`, `8 out of
+    10`, or a line that is only a number; a <think>...</think> block is left out (drafts). None if there is none, or if
+    it is outside 0-10 (`Score: 85/100` is no score out of 10)."""
+    matches = list(_SCORE.finditer(re.sub(r"<think>.*?</think>", "", reply, flags=re.DOTALL)))
+    if not matches:
+        return None
+    value = float(next(group for group in matches[-1].groups() if group is not None))
+    return value if 0 <= value <= 10 else None
+
+
+def _question(prompt) -> str:
+    """The text of a prompt's last user turn, <image>/<video> tags removed (the judge gets no media). A prompt is a
+    list of messages (content a string, or OpenAI-style parts) or a string."""
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        content = [m for m in prompt if m["role"] == "user"][-1]["content"]
+        text = content if isinstance(content, str) else " ".join(p["text"] for p in content if p.get("type") == "text")
+    return re.sub(r"<image>|<video>", "", text).strip()
+
+
+def _judge_request(url: str, path: str, body: dict | None = None, model: str = "") -> dict:
+    """GET (body None) or POST JSON to the judge endpoint -> the decoded reply. No server: ConnectionError with the
+    command that starts one; an HTTP error (the server answered, e.g. a prompt too long for it): RuntimeError."""
+    request = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=JUDGE_REQUEST_TIMEOUT) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise RuntimeError(f"judge {url + path}: HTTP {error.code}: {error.read().decode(errors='replace')[:500]}") from None
+    except (urllib.error.URLError, OSError) as error:
+        cause = getattr(error, "reason", error)
+        if isinstance(cause, TimeoutError):
+            raise TimeoutError(f"judge {url + path} did not reply in {JUDGE_REQUEST_TIMEOUT:g} s") from None
+        port = urllib.parse.urlsplit(url).port or 80
+        raise ConnectionError(f"no judge at {url} ({cause}): start one with `python -m vllm.entrypoints.openai.api_server "
+                              f"--model {model or 'MODEL'} --port {port}`, or point --judge_url at one") from None
+
+
+def judge(completions, prompts=None, solution=None, judge_url=None, judge_model="", judge_prompt="",
+          judge_max_concurrency=16, **kwargs):
+    """score / 10 from a judge model behind an OpenAI-compatible chat endpoint (`judge_url`, e.g. a vLLM server's
+    http://127.0.0.1:8001/v1): each completion is put into the prompt (the file `judge_prompt`, else JUDGE_PROMPT)
+    through its slots {question} (the last user turn of the record's prompt), {completion} and {solution}, sent as one
+    user message at temperature 0, and the score is read from the reply (judge_score). Up to `judge_max_concurrency`
+    requests are in flight at once. `judge_model` "" asks the endpoint for the first model it serves. A record with no
+    solution gets None when the prompt has a {solution} slot (write a prompt without it to judge with no reference).
+    A reply with no score from 0 to 10 is an error naming the completion and the reply (with --reward_error skip the
+    batch's judge values become None, as for any reward that raises)."""
+    if not judge_url:
+        raise ValueError("the judge reward needs judge_url (the trainer passes --judge_url)")
+    if judge_max_concurrency < 1:
+        raise ValueError(f"judge_max_concurrency must be >= 1, got {judge_max_concurrency}")
+    template = Path(judge_prompt).read_text() if judge_prompt else JUDGE_PROMPT
+    slots = set(JUDGE_SLOTS.findall(template))
+    if "completion" not in slots:
+        raise ValueError(f"judge prompt {judge_prompt or 'JUDGE_PROMPT'} has no {{completion}} slot")
+    url = judge_url.rstrip("/")
+    model = judge_model or _judge_request(url, "/models")["data"][0]["id"]
+    solution = solution if solution is not None else [None] * len(completions)
+
+    def ask(i):
+        if "solution" in slots and solution[i] is None:
+            return None
+        values = {"completion": completions[i], "solution": str(solution[i]),
+                  "question": _question(prompts[i]) if "question" in slots else ""}
+        # one pass over the template: a completion that writes "{solution}" is not filled in
+        text = JUDGE_SLOTS.sub(lambda m: values[m.group(1)], template)
+        body = _judge_request(url, "/chat/completions", {"model": model, "temperature": 0.0,
+                                                         "messages": [{"role": "user", "content": text}]}, model)
+        try:
+            reply = body["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"judge reply for completion {i} ({completions[i][:80]!r}) is no chat completion: "
+                             f"{json.dumps(body)[:500]}") from None
+        score = judge_score(reply)
+        if score is None:
+            raise ValueError(f"judge reply for completion {i} ({completions[i][:80]!r}) has no score from 0 to 10 "
+                             f"(`Score: N`): {reply[-500:]!r}")
+        return score / 10
+
+    pool = ThreadPoolExecutor(max_workers=min(judge_max_concurrency, max(len(completions), 1)))
+    try:
+        futures = [pool.submit(ask, i) for i in range(len(completions))]
+        return [future.result() for future in futures]
+    finally:  # after an error or --reward_timeout no new request starts (those in flight end on their own)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 REWARDS = {
     "accuracy": accuracy, "format": format, "format_lenient": format_lenient, "iou": iou, "count": count,
-    "length": length, "repetition": repetition, "random": random,
+    "length": length, "repetition": repetition, "random": random, "judge": judge,
 }
 
 # ----------------------------------------------------------------------------- plugins

@@ -89,6 +89,10 @@ class Config:
     reward_plugin: list[str] = field(default_factory=list)  # .py files whose functions become rewards
     reward_timeout: float = 0.0  # seconds a reward function may take on one batch (0: no limit; see rewards.py)
     reward_error: str = "raise"  # a reward raises, times out or returns NaN: raise (stop the run) | skip (None, counted)
+    judge_url: str = "http://127.0.0.1:8001/v1"  # reward judge: an OpenAI-compatible endpoint (8000 is the rollout server's)
+    judge_model: str = ""  # reward judge: the model name the endpoint serves ("": the first in its /v1/models)
+    judge_prompt: str = ""  # reward judge: a file with {question} {completion} {solution} ("": rewards.JUDGE_PROMPT, 0-10)
+    judge_max_concurrency: int = 16  # reward judge: requests in flight at once, per process
     scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by (none: Dr. GRPO)
     advantage_estimator: str = "grpo"  # grpo | rloo | reinforce_plus_plus: the baseline (see group_advantages)
     dynamic_sample: bool = False  # DAPO: replace groups whose rewards all agree (no signal) with new prompts
@@ -991,6 +995,8 @@ def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
     columns = {k: repeat([s.extra.get(k) for s in samples]) for k in sorted({k for s in samples for k in s.extra})}
     columns.update(prompts=repeat([s.messages for s in samples]), images=repeat([s.images for s in samples]),
                    completion_lengths=[len(c) for c in completion_ids], max_completion_length=cfg.max_completion_length)
+    columns.update(judge_url=cfg.judge_url, judge_model=cfg.judge_model, judge_prompt=cfg.judge_prompt,
+                   judge_max_concurrency=cfg.judge_max_concurrency)  # rewards.judge's settings
     total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns,
                                                   cfg.reward_timeout, cfg.reward_error, errors)
     return torch.tensor(total, dtype=torch.float32), per_function
