@@ -343,10 +343,12 @@ def judge(completions, prompts=None, solution=None, judge_url=None, judge_model=
         raise ValueError("the judge reward needs judge_url (the trainer passes --judge_url)")
     if judge_max_concurrency < 1:
         raise ValueError(f"judge_max_concurrency must be >= 1, got {judge_max_concurrency}")
-    template = Path(judge_prompt).read_text() if judge_prompt else JUDGE_PROMPT
+    template = Path(judge_prompt).read_text(encoding="utf-8") if judge_prompt else JUDGE_PROMPT
     slots = set(JUDGE_SLOTS.findall(template))
     if "completion" not in slots:
         raise ValueError(f"judge prompt {judge_prompt or 'JUDGE_PROMPT'} has no {{completion}} slot")
+    if "question" in slots and prompts is None:
+        raise ValueError("the judge prompt's {question} slot needs prompts (the trainer passes them)")
     url = judge_url.rstrip("/")
     model = judge_model or _judge_request(url, "/models")["data"][0]["id"]
     solution = solution if solution is not None else [None] * len(completions)
@@ -360,15 +362,14 @@ def judge(completions, prompts=None, solution=None, judge_url=None, judge_model=
         text = JUDGE_SLOTS.sub(lambda m: values[m.group(1)], template)
         body = _judge_request(url, "/chat/completions", {"model": model, "temperature": 0.0,
                                                          "messages": [{"role": "user", "content": text}]}, model)
+        which = f"judge reply for completion {i} ({completions[i][:80]!r}{'...' if len(completions[i]) > 80 else ''})"
         try:
             reply = body["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise ValueError(f"judge reply for completion {i} ({completions[i][:80]!r}) is no chat completion: "
-                             f"{json.dumps(body)[:500]}") from None
+            raise ValueError(f"{which} is no chat completion: {json.dumps(body)[:500]}") from None
         score = judge_score(reply)
         if score is None:
-            raise ValueError(f"judge reply for completion {i} ({completions[i][:80]!r}) has no score from 0 to 10 "
-                             f"(`Score: N`): {reply[-500:]!r}")
+            raise ValueError(f"{which} has no score from 0 to 10 (`Score: N`): {reply[-500:]!r}")
         return score / 10
 
     pool = ThreadPoolExecutor(max_workers=min(judge_max_concurrency, max(len(completions), 1)))

@@ -219,13 +219,15 @@ def test_random_in_range():
 
 def test_registry_holds_the_shipped_rewards():
     assert set(rewards.REWARDS) == {"accuracy", "format", "format_lenient", "iou", "count", "length", "repetition",
-                                    "random"}
+                                    "random", "judge"}
 
 
 def test_rewards_ignore_unknown_columns():
     completion = "<think>x</think><answer>5</answer>"
     extra = {"prompts": ["q"], "image_path": ["/x.png"], "max_completion_length": 50}
     for name, fn in rewards.REWARDS.items():
+        if name == "judge":  # needs a server: tests/test_judge.py passes it the trainer's columns
+            continue
         solution = [[0, 0, 1, 1]] if name == "iou" else ["5"]
         assert len(fn([completion], solution=solution, **extra)) == 1, name
 
