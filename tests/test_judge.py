@@ -68,6 +68,16 @@ class JudgeHandler(BaseHTTPRequestHandler):
         else:
             self.send(200, {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})
 
+def stop_server(process):
+    """SIGTERM to the server's process group; SIGKILL if it has not gone in 60 s (a loaded 2-core machine)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 
 @pytest.fixture
 def judge_server():
@@ -265,8 +275,7 @@ def vllm_judge():
         yield url, log_path
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            stop_server(process)
         log.close()
 
 

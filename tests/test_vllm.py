@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -25,6 +26,16 @@ torch.set_num_threads(1)  # before vLLM's CPU worker binds its threads: with two
 CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]
+
+def stop_server(process):
+    """SIGTERM to the server's process group; SIGKILL if it has not gone in 60 s (a loaded 2-core machine)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
 
 
 def config(model_name, *args, **vllm_fields):
@@ -365,7 +376,6 @@ def test_gpu_colocate_sync_sleep_and_lora(prompts):
 def server():
     """vLLM's OpenAI server of the tiny Qwen2.5-VL on 127.0.0.1, started with train_grpo.vllm_server_command plus the
     CPU settings, ended by its process group id (its engine runs in a child process). -> the config that reaches it."""
-    import signal
     import socket
     import subprocess
     import sys
@@ -384,8 +394,7 @@ def server():
         yield cfg, process
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            stop_server(process)
         log.close()
 
 
@@ -419,10 +428,8 @@ def test_server_errors_name_the_server(server, prompts, monkeypatch):
     absent = types.SimpleNamespace(**{**vars(cfg), "vllm_server_port": cfg.vllm_server_port + 1, "vllm_server_timeout": 1})
     with pytest.raises(SystemExit, match=rf"(?s)no vLLM server at 127.0.0.1:{absent.vllm_server_port} .*VLLM_SERVER_DEV_MODE=1 python -m vllm.entrypoints.openai.api_server"):
         train_grpo.vllm_server_wait(absent)
-    import signal
 
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=30)
+    stop_server(process)
     monkeypatch.setattr(train_grpo, "VLLM_SERVER_RETRIES", 2)
     encoder = data.Encoder(data.resolve_model(cfg.model))
     encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts[:1]]
