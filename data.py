@@ -395,7 +395,10 @@ def smart_resize(height, width, factor, min_pixels, max_pixels):
 def load_image(path):
     """-> RGB image. The size is judged from the header, before any pixel is decoded: PIL refuses an image above
     twice Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file declaring billions of pixels) but only warns
-    above once that, so the warning is an error here."""
+    above once that, so the warning is an error here. `path` may also be a PIL image already in memory (what a
+    multi-turn tool returns, train_grpo.py's --multi_turn_plugin): a copy of it in RGB."""
+    if isinstance(path, Image.Image):
+        return path.convert("RGB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

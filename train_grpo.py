@@ -13,12 +13,14 @@ them (score, with rewards.py); turn the scores into group-relative advantages (g
 with the clipped surrogate loss (grpo_loss), num_iterations times per rollout. Records are `messages` prompts
 (+ images/videos); every other field (`solution`, ...) goes to the reward functions. Variants: DAPO = --loss_type dapo
 --epsilon_high 0.28 --dynamic_sample true --overlong_filter true; Dr. GRPO = --loss_type dr_grpo --scale_rewards none;
-GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon_high 4. train_chord.py builds on this
-file: its main is setup + train with CHORD's update.
+GSPO = --importance_sampling_level sequence; CISPO = --loss_type cispo --epsilon_high 4. Multi-turn rollouts with tools:
+--multi_turn_plugin env.py --max_turns N (play_episodes; examples/zoom_env.py). train_chord.py builds on this file: its
+main is setup + train with CHORD's update.
 """
 import contextlib
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +70,9 @@ class Config:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0
     generation_batch_size: int = 0  # completions per generate call on each process (0: a whole rollout at once)
+    multi_turn_plugin: str | None = None  # a .py file with step(messages, completion, turn, **columns) -> the next user
+    # turn ({"content": ..., "images": [...]}: a tool's result) or None to end the episode (see play_episodes)
+    max_turns: int = 1  # replies of the policy per episode at most (> 1 needs --multi_turn_plugin); 1: single-turn
     cuda_graph: bool = True  # GPU: each new token's step replays a CUDA graph (the same numbers, far fewer launches)
     use_vllm: bool = False  # generate with vLLM (same prompts, images, seeds, stop rules as the built-in rollout)
     vllm_mode: str = "colocate"  # colocate: an engine inside each training process, on its GPU | server: a vLLM server
@@ -203,6 +208,12 @@ def parse_config(argv=None, config_class=Config):
     if cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps % cfg.num_generations:
         raise SystemExit(f"per_device_train_batch_size x gradient_accumulation_steps ({cfg.per_device_train_batch_size} x "
                          f"{cfg.gradient_accumulation_steps}) must be a multiple of num_generations ({cfg.num_generations})")
+    if (cfg.multi_turn_plugin is None) != (cfg.max_turns == 1) or cfg.max_turns < 1:
+        raise SystemExit(f"--multi_turn_plugin {cfg.multi_turn_plugin} --max_turns {cfg.max_turns}: a multi-turn run gives "
+                         f"both, the plugin and --max_turns 2 or more (the plugin writes the user turns between replies)")
+    if cfg.multi_turn_plugin and cfg.use_vllm and cfg.vllm_mode == "server":
+        raise SystemExit("--multi_turn_plugin with --vllm_mode server: the server would re-tokenise the conversation's text, "
+                         "which need not give back the tokens the policy sampled; use --vllm_mode colocate or the built-in rollout")
     cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     return cfg
 
@@ -942,8 +953,9 @@ def vllm_server_sync_weights(communicator, model, cfg, rank):
 
 def start_vllm(cfg, device, rank, samples, resumed):
     """--use_vllm: the engine in this process (colocate), or the server's name and process 0's NCCL group with it.
-    samples: every record, for the most images and videos one prompt has (vLLM reserves room for them)."""
-    max_media = (max(len(s.images) for s in samples), max(len(s.videos) for s in samples))
+    samples: every record, for the most images and videos one prompt has (vLLM reserves room for them; multi-turn,
+    one more image per tool turn)."""
+    max_media = (max(len(s.images) for s in samples) + cfg.max_turns - 1, max(len(s.videos) for s in samples))
     vllm = SimpleNamespace(llm=None, lora_request=None, model_name=None, communicator=None, asleep=False,
                            synced_step=None if resumed else 0)  # a resumed policy is not the checkpoint vLLM loaded
     if cfg.vllm_mode == "colocate":
@@ -974,9 +986,12 @@ def sync_vllm(run):
         vllm.asleep = False
 
 
-def generate_completions(run, samples, prompts, seeds):
-    """Prompts -> (completion_ids, texts, vLLM's sampled log-probabilities or None): the built-in rollout, or vLLM."""
+def generate_completions(run, samples, prompts, seeds, num_generations=None):
+    """Prompts -> (completion_ids, texts, vLLM's sampled log-probabilities or None): the built-in rollout, or vLLM.
+    num_generations: completions per prompt, if not --num_generations (the later turns of multi-turn episodes: 1)."""
     cfg, vllm = run.cfg, run.vllm
+    if num_generations is not None:
+        cfg = replace(cfg, num_generations=num_generations)
     if vllm is None:
         return (*rollout(run.model, run.encoder, samples, cfg, run.device, prompts=prompts, seeds=seeds), None)
     if cfg.vllm_mode == "server":
@@ -985,16 +1000,144 @@ def generate_completions(run, samples, prompts, seeds):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Multi-turn rollouts with tools (--multi_turn_plugin env.py --max_turns N): each completion of a group is its own
+# episode. After each reply the plugin's step(messages, completion, turn, **columns) is asked for the next user turn:
+# messages is the conversation so far (the reply `completion` last), turn the replies so far, columns the record's
+# fields, `images` (the episode's so far, the record's first) and max_turns; it returns {"content": text with an
+# <image> tag per image, "images": [paths or PIL images]} (a tool's result) or None to end the episode. The next reply
+# is generated with the whole conversation as its prompt, grown token by token: the previous prompt, the reply as
+# sampled (labelled: the loss covers what the policy generated) and the user turn as the chat template writes it
+# (not labelled). The rewards score the last reply, with the whole conversation as `messages` (score)
+
+def load_multi_turn_plugin(path):
+    """The step(messages, completion, turn, **columns) function of a --multi_turn_plugin file."""
+    if not (path.endswith(".py") and os.path.isfile(path)):
+        raise SystemExit(f"--multi_turn_plugin {path}: no such .py file")
+    spec = importlib.util.spec_from_file_location(f"multi_turn_plugin_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up here
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "step", None)):
+        raise SystemExit(f"--multi_turn_plugin {path} has no function step(messages, completion, turn, **columns)")
+    return module.step
+
+
+def turn_seed(seed, turn):
+    """The sampling seed of an episode's reply at `turn` (2, 3, ...) from its first reply's (sampling_seeds): a reply
+    depends neither on the process nor on the other episodes, and a resumed run samples it again."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/turn/{turn}".encode()).digest()[:8], "little")
+
+
+def next_prompt(prompt, reply_ids, messages, images, encoder):
+    """An episode's next prompt, encoded: `prompt` (the encoded prompt of the turn) + the reply sampled from it
+    (`reply_ids`, labelled) + the user turn that `messages` (the conversation so far) ends with, as the chat template
+    writes it after the reply's <|im_end|> up to the next "<|im_start|>assistant\\n" (not labelled), its `images`
+    (paths or PIL images) encoded after the prompt's; the multimodal positions of the whole. The tokens, labels and
+    positions of encoding the whole conversation with its replies labelled (tests/test_multi_turn.py), except that
+    the replies are the tokens sampled rather than their text tokenised again."""
+    text = encoder.render(data.Sample(messages), add_generation_prompt=True)
+    end = "<|im_end|>"
+    turn_text = text[text.rindex(end, 0, text.rindex(end)) + len(end):]  # what follows the reply's end
+    pixels, grids = zip(*[encoder.encode_image(image) for image in images]) if images else ((), ())
+    pieces = turn_text.split("<|image_pad|>")  # one pad per image so far: each becomes its image's vision tokens
+    turn_text = pieces[0] + "".join("<|image_pad|>" * (int(grid.prod()) // encoder.merge_size**2) + piece
+                                    for grid, piece in zip(grids, pieces[1:]))
+    dtype = prompt["input_ids"].dtype
+    reply = torch.tensor(reply_ids, dtype=dtype)
+    turn_ids = torch.tensor(encoder.tokenizer.encode(turn_text, add_special_tokens=False), dtype=dtype)
+    example = {k: v for k, v in prompt.items() if k in data.VISION_KEYS or k == "second_per_grid_ts"}
+    for key, new in (("pixel_values", pixels), ("image_grid_thw", grids)) if images else ():
+        example[key] = torch.cat([prompt[key], *new] if key in prompt else new)
+    example["input_ids"] = torch.cat([prompt["input_ids"], reply, turn_ids])
+    example["labels"] = torch.cat([prompt["labels"], torch.full((len(reply) + len(turn_ids),), data.IGNORE)])
+    n = len(prompt["input_ids"])
+    example["labels"][n - 1 : n - 1 + len(reply)] = reply  # shifted, as completion_example labels a completion
+    return encoder.add_positions(example)
+
+
+def next_turn(env, episode, turn, encoder, cfg):
+    """Ask the plugin for the user turn after the episode's latest reply (`turn`: the replies so far) and, if it gives
+    one, make the episode's next prompt (next_prompt). -> whether the episode goes on: not when the plugin returns
+    None, nor when the next prompt would pass --max_length (the episode ends with the reply it has)."""
+    columns = {**episode["sample"].extra, "images": list(episode["images"]), "max_turns": cfg.max_turns}
+    user = env([dict(m) for m in episode["messages"]], episode["text"], turn, **columns)
+    if user is None:
+        return False
+    content, images = (user.get("content"), list(user.get("images") or [])) if isinstance(user, dict) else (None, [])
+    if isinstance(content, str) and data.IMAGE_TAG not in content:  # as in records: untagged images go first
+        content = data.IMAGE_TAG * len(images) + content
+    if not isinstance(content, str) or content.count(data.IMAGE_TAG) != len(images) or data.VIDEO_TAG in content \
+            or data.SPECIAL_TOKEN_IN_TEXT.search(content):
+        raise ValueError(f"--multi_turn_plugin: step() after reply {turn} returned {repr(user)[:300]}; expected None or "
+                         f"{{'content': text with one <image> per image (or none: they go first), no <video> and no "
+                         f"special tokens, 'images': [paths or PIL images]}}")
+    messages = episode["messages"] + [{"role": "user", "content": content}]
+    prompt = next_prompt(episode["prompt"], episode["completion_ids"], messages, images, encoder)
+    if len(prompt["input_ids"]) > cfg.max_length:
+        return False
+    episode.update(prompt=prompt, messages=messages, images=episode["images"] + images)
+    return True
+
+
+def play_episodes(env, generate, encoder, samples, prompts, seeds, first, cfg, device, distributed):
+    """Multi-turn rollouts: each first reply of `first` = (completion_ids, texts, sampled log-probabilities or None),
+    prompt-major as rollout() gives them, goes on as its own episode of up to --max_turns replies: while the plugin
+    gives a user turn (next_turn), the next reply is generated from the episode's next prompt by
+    generate(samples, prompts, seeds) (one completion per prompt, as `first`), with a seed from its first reply's
+    and the turn (turn_seed; seeds None: greedy). An episode ends when the plugin returns None, when its reply was cut
+    at max_completion_length (no <|im_end|> to go on from), or when its next prompt would pass --max_length, so the
+    episodes of a group may end at different turns. -> (per episode: its replies' tokens joined, what the loss
+    covers; its last reply's text, what the rewards score; its replies' sampled log-probabilities joined, or None;
+    the episodes: {sample, prompt (the last turn's, with the earlier replies labelled), completion_ids (the last
+    reply), text, messages (the whole conversation, replies included), images (every turn's), turns})"""
+    completion_ids, texts, sampled_logps = first
+    per_prompt = len(completion_ids) // len(samples)
+    episodes = [{"sample": samples[i // per_prompt], "prompt": prompts[i // per_prompt], "completion_ids": ids,
+                 "text": text, "messages": samples[i // per_prompt].messages + [{"role": "assistant", "content": text}],
+                 "images": list(samples[i // per_prompt].images), "turns": 1}
+                for i, (ids, text) in enumerate(zip(completion_ids, texts))]
+    policy_ids = [list(ids) for ids in completion_ids]
+    policy_logps = None if sampled_logps is None else [list(logps) for logps in sampled_logps]
+    going = list(range(len(episodes)))
+    for turn in range(1, cfg.max_turns):
+        going = [i for i in going if not truncated(episodes[i]["completion_ids"], encoder)
+                 and next_turn(env, episodes[i], turn, encoder, cfg)]
+        # generation is a collective under FSDP: while any process has an episode going, every process generates
+        # (one with none: a stand-in prompt, whose reply is dropped)
+        if not all_reduce(torch.tensor(float(len(going)), device=device), distributed, "max").item():
+            break
+        rows = [episodes[i] for i in going]
+        replies, reply_texts, reply_logps = generate(
+            [data.Sample(e["messages"], e["images"], e["sample"].videos) for e in rows] or samples[:1],
+            [e["prompt"] for e in rows] or prompts[:1],
+            None if seeds is None else [turn_seed(seeds[i], turn + 1) for i in going] or [0])
+        for k, i in enumerate(going):
+            episode = episodes[i]
+            episode.update(completion_ids=replies[k], text=reply_texts[k], turns=turn + 1,
+                           messages=episode["messages"] + [{"role": "assistant", "content": reply_texts[k]}])
+            policy_ids[i] += replies[k]
+            if policy_logps is not None:
+                policy_logps[i] += reply_logps[k]
+    return policy_ids, [e["text"] for e in episodes], policy_logps, episodes
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Rewards, and which groups the step trains on
 
-def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
+def score(samples, completion_ids, texts, cfg, num_generations, errors=None, episodes=None):
     """Rewards of completions (num_generations per sample, prompt-major). Columns: every record field repeated per
     completion, plus prompts, images, completion_lengths, max_completion_length. -> (total [N], per-function lists).
-    `errors` counts the completions whose reward failed, per reward (--reward_error skip)."""
+    `errors` counts the completions whose reward failed, per reward (--reward_error skip). Multi-turn (`episodes`,
+    play_episodes): texts are the last replies, and the columns add messages (the whole conversation, replies
+    included) and turns; images are every turn's, completion_lengths the last replies'."""
     repeat = lambda values: [v for v in values for _ in range(num_generations)]
     columns = {k: repeat([s.extra.get(k) for s in samples]) for k in sorted({k for s in samples for k in s.extra})}
     columns.update(prompts=repeat([s.messages for s in samples]), images=repeat([s.images for s in samples]),
                    completion_lengths=[len(c) for c in completion_ids], max_completion_length=cfg.max_completion_length)
+    if episodes is not None:
+        columns.update(messages=[e["messages"] for e in episodes], turns=[e["turns"] for e in episodes],
+                       images=[e["images"] for e in episodes],
+                       completion_lengths=[len(e["completion_ids"]) for e in episodes])
     columns.update(judge_url=cfg.judge_url, judge_model=cfg.judge_model, judge_prompt=cfg.judge_prompt,
                    judge_max_concurrency=cfg.judge_max_concurrency)  # rewards.judge's settings
     total, per_function = rewards.compute_rewards(cfg.reward_funcs, cfg.reward_weights, texts, columns,
@@ -1002,14 +1145,16 @@ def score(samples, completion_ids, texts, cfg, num_generations, errors=None):
     return torch.tensor(total, dtype=torch.float32), per_function
 
 
-def make_groups(samples, prompts, completion_ids, texts, total, per_function, num_generations, sampled_logps=None):
+def make_groups(samples, prompts, completion_ids, texts, total, per_function, num_generations, sampled_logps=None,
+                episodes=None):
     """One dict per prompt: its sample, encoded prompt, completions, their texts and rewards (and with vLLM, the
-    log-probability vLLM sampled each token with)."""
+    log-probability vLLM sampled each token with; multi-turn, each completion's episode)."""
     G = num_generations
     return [{"sample": sample, "prompt": prompts[j], "completion_ids": completion_ids[j * G : (j + 1) * G],
              "texts": texts[j * G : (j + 1) * G], "rewards": total[j * G : (j + 1) * G],
              "per_function": {k: v[j * G : (j + 1) * G] for k, v in per_function.items()},
-             "sampled_logps": sampled_logps[j * G : (j + 1) * G] if sampled_logps is not None else None}
+             "sampled_logps": sampled_logps[j * G : (j + 1) * G] if sampled_logps is not None else None,
+             "episodes": episodes[j * G : (j + 1) * G] if episodes is not None else None}
             for j, sample in enumerate(samples)]
 
 
@@ -1085,8 +1230,11 @@ def rollout_metrics(groups, generated, advantages, rounds, errors, cfg, distribu
 
 
 def note_completions(generated, groups, encoder):
-    """What the log reports of every completion generated (kept for the step or not)."""
+    """What the log reports of every completion generated (kept for the step or not). Multi-turn: a completion is an
+    episode (its length: every reply's tokens), and `turns` its replies."""
     for g in groups:
+        if g.get("episodes") is not None:
+            generated.setdefault("turns", []).extend(e["turns"] for e in g["episodes"])
         generated.setdefault("reward", []).extend(g["rewards"].tolist())
         for name, values in g["per_function"].items():
             generated.setdefault(f"reward/{name}", []).extend(v for v in values if v is not None)
@@ -1096,9 +1244,12 @@ def note_completions(generated, groups, encoder):
 
 
 def completion_rows(batch, step):
-    """completions.jsonl rows: the prompt, the completion, each reward and the advantage."""
+    """completions.jsonl rows: the prompt, the completion, each reward and the advantage; multi-turn, the completion is
+    the last reply, `conversation` the turns after the prompt (their text) and `turns` the replies."""
     rows = [{"step": step, "prompt": g["sample"].messages[-1]["content"], "images": g["sample"].images, "completion": text,
-             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()}}
+             "reward": g["rewards"][k].item(), **{f"reward/{n}": v[k] for n, v in g["per_function"].items()},
+             **({} if g.get("episodes") is None else {"turns": g["episodes"][k]["turns"],
+                                                      "conversation": g["episodes"][k]["messages"][len(g["sample"].messages):]})}
             for g in batch["groups"] for k, text in enumerate(g["texts"])]
     for row, advantage in zip(rows, batch["advantages"].tolist()):
         row["advantage"] = advantage
@@ -1256,11 +1407,12 @@ def token_logps(model, batch, device, temperature=1.0, with_entropy=False, chunk
 
 def completion_example(prompt, completion_ids, encoder):
     """Prompt + completion -> an Example whose labels are the completion tokens (shifted, as data.py's: labels[t] is
-    the target of position t), with the model's multimodal positions for the whole sequence."""
+    the target of position t) and the prompt's (none; in a multi-turn episode's prompt, its earlier replies:
+    next_prompt), with the model's multimodal positions for the whole sequence."""
     completion = torch.tensor(completion_ids, dtype=prompt["input_ids"].dtype)
     example = {k: v for k, v in prompt.items() if k in data.VISION_KEYS or k == "second_per_grid_ts"}
     example["input_ids"] = torch.cat([prompt["input_ids"], completion])
-    example["labels"] = torch.full_like(example["input_ids"], data.IGNORE)
+    example["labels"] = torch.cat([prompt["labels"], torch.full_like(completion, data.IGNORE)])
     n = len(prompt["input_ids"])
     example["labels"][n - 1 : n - 1 + len(completion)] = completion
     return encoder.add_positions(example)
@@ -1281,12 +1433,18 @@ def completion_logps(model, examples, lengths, device, temperature, with_entropy
 # Step: a rollout's completions -> micro-batches -> num_iterations optimizer steps
 
 def micro_batches(batch, encoder, cfg, device):
-    """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order."""
+    """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order (multi-turn:
+    an episode's last prompt + its last reply, every reply labelled)."""
     size, micro = cfg.per_device_train_batch_size, []
     for start in range(0, len(batch["completion_ids"]), size):
         ids = batch["completion_ids"][start : start + size]
-        prompts = [batch["groups"][(start + k) // cfg.num_generations]["prompt"] for k in range(len(ids))]
-        micro.append({"examples": [completion_example(p, c, encoder) for p, c in zip(prompts, ids)],
+        groups = [batch["groups"][(start + k) // cfg.num_generations] for k in range(len(ids))]
+        if groups[0].get("episodes") is None:
+            examples = [completion_example(g["prompt"], c, encoder) for g, c in zip(groups, ids)]
+        else:  # multi-turn: the episode's last prompt (its earlier replies labelled in it) + its last reply
+            episodes = [g["episodes"][(start + k) % cfg.num_generations] for k, g in enumerate(groups)]
+            examples = [completion_example(e["prompt"], e["completion_ids"], encoder) for e in episodes]
+        micro.append({"examples": examples,
                       "lengths": [len(c) for c in ids], "advantages": batch["advantages"][start : start + size].to(device),
                       "keep": batch["keep"][start : start + size].to(device)})
         if batch["groups"][0]["sampled_logps"] is not None:  # vLLM's, per completion token
@@ -1433,21 +1591,31 @@ def due(every, step, total_steps, steps_done=1):
     return every > 0 and (step // every > (step - steps_done) // every or step >= total_steps)
 
 
-def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed):
+def evaluate(model, val, encoder, cfg, device, rank, world_size, distributed, env=None):
     """Greedy completions of the first eval_limit held-out prompts -> mean reward, and accuracy (rewards.accuracy
-    against `solution`) over the records that have one."""
+    against `solution`) over the records that have one. With a multi-turn plugin (`env`): greedy episodes
+    (play_episodes), scored on their last replies, and their mean turns."""
     samples = val[: cfg.eval_limit]
     mine, size = samples[rank::world_size], cfg.per_device_train_batch_size
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # reward sum, prompts, correct, prompts with a solution
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # reward sum, prompts, correct, with a solution, turns
+    greedy = lambda chunk, prompts, seeds: (*rollout(model, encoder, chunk, cfg, device, greedy=True, prompts=prompts), None)
     for i in range(0, max(len(mine), math.ceil(len(samples) / world_size)), size):
         chunk = mine[i : i + size] or samples[:1]  # every process runs the same number of generate calls
-        completion_ids, texts = rollout(model, encoder, chunk, cfg, device, greedy=True)
+        prompts = [encoder(s, **PROMPT) for s in chunk]
+        completion_ids, texts, _ = greedy(chunk, prompts, None)
+        episodes = None
+        if env is not None:
+            completion_ids, texts, _, episodes = play_episodes(env, greedy, encoder, chunk, prompts, None,
+                                                               (completion_ids, texts, None), cfg, device, distributed)
         if mine[i : i + size]:
-            total, _ = score(chunk, completion_ids, texts, cfg, 1)
+            total, _ = score(chunk, completion_ids, texts, cfg, 1, episodes=episodes)
             correct = [c for c in rewards.accuracy(texts, solution=[s.extra.get("solution") for s in chunk]) if c is not None]
-            sums += torch.tensor([total.sum().item(), len(chunk), sum(correct), len(correct)], dtype=torch.float64, device=device)
-    reward, prompts, correct, with_solution = all_reduce(sums, distributed).tolist()
-    return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {})}
+            turns = sum(e["turns"] for e in episodes) if episodes else len(chunk)
+            sums += torch.tensor([total.sum().item(), len(chunk), sum(correct), len(correct), turns], dtype=torch.float64,
+                                 device=device)
+    reward, prompts, correct, with_solution, turns = all_reduce(sums, distributed).tolist()
+    return {"eval_reward": reward / max(prompts, 1), **({"eval_accuracy": correct / with_solution} if with_solution else {}),
+            **({"eval_turns": turns / max(prompts, 1)} if env is not None else {})}
 
 
 def open_log(cfg, master):
@@ -1629,6 +1797,7 @@ def setup(cfg, state=None):
         names = rewards.load_reward_plugin(path)
         if master:
             print(f"rewards from {path}: {', '.join(names)}")
+    env = load_multi_turn_plugin(cfg.multi_turn_plugin) if cfg.multi_turn_plugin else None  # (before the slow loads)
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
         resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
@@ -1663,7 +1832,7 @@ def setup(cfg, state=None):
     return SimpleNamespace(cfg=cfg, distributed=distributed, rank=rank, world_size=world_size, device=device, master=master,
                            model=model, reference=reference, encoder=encoder, train=train, val=val, kept=kept,
                            prompts_per_rank=prompts_per_rank, rollouts_per_epoch=rollouts_per_epoch, total_steps=total_steps,
-                           optimizer=optimizer, scheduler=scheduler, state=state, vllm=vllm, log=open_log(cfg, master))
+                           optimizer=optimizer, scheduler=scheduler, state=state, vllm=vllm, env=env, log=open_log(cfg, master))
 
 
 def train(run, update):
@@ -1679,7 +1848,7 @@ def train(run, update):
         return time.perf_counter()
 
     def run_eval():
-        result = evaluate(run.model, run.val, encoder, cfg, device, rank, run.world_size, distributed)
+        result = evaluate(run.model, run.val, encoder, cfg, device, rank, run.world_size, distributed, run.env)
         state["eval_reward"] = result["eval_reward"]
         run.log({"step": state["step"], **result})
         return result
@@ -1712,8 +1881,13 @@ def train(run, update):
             prompts = [encoder(s, **PROMPT) for s in samples]
             seeds = sampling_seeds(cfg, state["step"], rounds, rank * run.prompts_per_rank, len(samples))
             completion_ids, texts, sampled_logps = generate_completions(run, samples, prompts, seeds)
-            total, per_function = score(samples, completion_ids, texts, cfg, G, errors)
-            new = make_groups(samples, prompts, completion_ids, texts, total, per_function, G, sampled_logps)
+            episodes = None
+            if run.env:  # --multi_turn_plugin: each completion goes on as its own episode, up to --max_turns replies
+                completion_ids, texts, sampled_logps, episodes = play_episodes(
+                    run.env, lambda s, p, seeds: generate_completions(run, s, p, seeds, num_generations=1), encoder,
+                    samples, prompts, seeds, (completion_ids, texts, sampled_logps), cfg, device, distributed)
+            total, per_function = score(samples, completion_ids, texts, cfg, G, errors, episodes)
+            new = make_groups(samples, prompts, completion_ids, texts, total, per_function, G, sampled_logps, episodes)
             note_completions(generated, new, encoder)
             groups += new
             need_more = torch.tensor(float(sum(map(has_signal, groups)) < run.prompts_per_rank), device=device)
