@@ -1,5 +1,6 @@
 """
-train_grpo.py: GRPO and its variants (DAPO, Dr. GRPO, GSPO, CISPO) for Qwen-VL models, with built-in rollouts.
+train_grpo.py: GRPO and its variants (DAPO, Dr. GRPO, GSPO, CISPO, SAPO, RLOO, REINFORCE++) for Qwen-VL models, with
+built-in or vLLM rollouts.
 
     python train_sft.py --learning_rate 1e-3 --lr_scheduler_type constant --warmup_ratio 0 --max_steps 70 \\
         --output_dir outputs/sft_for_grpo                                  # demo, 1: a mediocre colour namer (0.36)
@@ -7,6 +8,7 @@ train_grpo.py: GRPO and its variants (DAPO, Dr. GRPO, GSPO, CISPO) for Qwen-VL m
     python train_grpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --dataset rl.jsonl --train_type lora --learning_rate 1e-5 \\
         --reward_funcs accuracy format --reward_weights 1 0.5 --max_completion_length 1024 --beta 0.04
     torchrun --nproc_per_node 8 train_grpo.py --config grpo.yaml --reward_plugin my_rewards.py
+    torchrun --nproc_per_node 8 train_grpo.py --config grpo.yaml --use_vllm true --sleep_level 1   # vLLM colocate
 
 A step (see train): take prompts; sample num_generations completions of each with the policy itself (rollout); score
 them (score, with rewards.py); turn the scores into group-relative advantages (group_advantages); update the policy
@@ -1840,6 +1842,7 @@ def train(run, update):
     update(micro, sigterm) -> (metrics, skipped, stop): train_step here, CHORD's step in train_chord.py."""
     cfg, state, encoder, G = run.cfg, run.state, run.encoder, run.cfg.num_generations
     device, rank, distributed = run.device, run.rank, run.distributed
+    start_time = time.time()
     completions_file = open(os.path.join(cfg.output_dir, "completions.jsonl"), "a") if run.master and cfg.log_completions else None
 
     def clock():  # on GPU, after the queued kernels have run: else they are billed to the next phase
@@ -1967,7 +1970,7 @@ def train(run, update):
         print(f"SIGTERM: saved {checkpoint_path} at step {state['step']} of {run.total_steps}; to go on, run the same "
               f"command with --resume_from_checkpoint latest", flush=True)
     elif run.master:
-        print(f"done: {state['step']} steps; checkpoints in {cfg.output_dir}")
+        print(f"done: {state['step']} steps in {time.time() - start_time:.0f} s; checkpoints in {cfg.output_dir}")
         for key in ("eval_reward", "eval_accuracy"):
             if first_eval is not None and last_eval is not first_eval and key in last_eval:
                 print(f"held-out {key[5:]} (greedy, {min(len(run.val), cfg.eval_limit)} prompts): start {first_eval[key]:.3f} "

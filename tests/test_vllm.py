@@ -462,3 +462,16 @@ def test_main_with_vllm_keeps_vllm_on_the_policy(tmp_path, train_type):
     assert diffs[0] < 0.02 and all(d < 2 * diffs[0] for d in diffs), diffs
     assert steps[0]["weight_sync_s"] < 1e-3 < steps[1]["weight_sync_s"]  # a fresh engine has the checkpoint's weights
     assert (tmp_path / "checkpoint-3").is_dir()
+
+
+def test_chord_with_vllm_runs(tmp_path):
+    """train_chord.py gets --use_vllm through train_grpo.py: a short CPU run generates with vLLM, keeps it on the
+    policy and trains on both parts (mu 0.5)."""
+    args = ["--dataset", "demo#8", "--val_dataset", "demo#2", "--num_workers", "0", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "6", "--max_steps", "2", "--eval_steps", "0",
+            "--save_steps", "0", "--use_vllm", "true", "--reward_funcs", "random", "--chord_mu_peak", "0.5",
+            "--chord_mu_valley", "0.5", "--chord_sft_per_device_train_batch_size", "2", "--output_dir", str(tmp_path)]
+    subprocess.run([sys.executable, "train_chord.py", *args], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert len(steps) == 2 and all(r["mu"] == 0.5 and math.isfinite(r["sft_loss"]) for r in steps)
+    assert all(r["vllm_logprob_diff"] < 0.02 for r in steps) and steps[1]["weight_sync_s"] > 1e-3
