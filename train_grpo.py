@@ -664,8 +664,6 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
 
     prompts = prompts or [encoder(s, **PROMPT) for s in samples]
     per_prompt = 1 if greedy else cfg.num_generations
-    if not greedy and seeds is None:
-        seeds = torch.randint(2**62, (len(prompts) * per_prompt,)).tolist()
     stop = stop_tokens(encoder)
     requests, params = [], []
     for j, (sample, prompt) in enumerate(zip(samples, prompts)):
@@ -863,8 +861,6 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
     if any(s.videos for s in samples):
         raise NotImplementedError("--vllm_mode server: prompts with videos (use --vllm_mode colocate)")
     per_prompt = 1 if greedy else cfg.num_generations
-    if not greedy and seeds is None:
-        seeds = torch.randint(2**62, (len(prompts) * per_prompt,)).tolist()
     bodies = []
     for j, (sample, prompt) in enumerate(zip(samples, prompts)):
         images = iter(vllm_prompt(sample, prompt, encoder).get("multi_modal_data", {}).get("image", []))
