@@ -26,7 +26,7 @@ every step, on the same sequences: with LoRA the same model with its adapters of
 copy (no precomputed reference log-probabilities in either). Plain sigmoid DPO: train_dpo.py's NLL term is off
 (--rpo_alpha 0), as in TRL's default loss.
 GRPO: --prompts_per_step prompts of --prompt_tokens tokens, --num_generations completions of each sampled by the
-policy itself (no vLLM: train_grpo.py's own CUDA-graphed decode loop, TRL's transformers generate) up to
+policy itself (train_grpo.py's own CUDA-graphed decode loop, or vLLM with `--flags --use_vllm true`; TRL's transformers generate) up to
 --max_completion_length tokens, scored by rewards.random (no cost, and every group gets a non-zero advantage); one
 optimizer step per rollout, in micro-batches of --per_device_train_batch_size completions. Completions are not forced to full length: train_grpo.py has no
 switch to ignore the end-of-turn token (TRL has, through generation_kwargs; left off, so both do the same work). But a
@@ -689,7 +689,7 @@ def main(argv=None):
     g.add_argument("--per_device_train_batch_size", type=int, default=8, help="completions per micro-batch")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--beta", type=float, default=0.04, help="KL weight; > 0 scores the reference (LoRA: adapters off)")
-    g.add_argument("--loss_type", choices=["grpo", "bnpo", "dr_grpo", "dapo"], default="grpo")
+    g.add_argument("--loss_type", choices=["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"], default="grpo")
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.shape, args.out)
