@@ -497,20 +497,28 @@ class Encoder:
         self._rope_model = None
 
     # --- vision
+    def image_size(self, image):
+        """(height, width) that an image is resized to: smart_resize for the encoder's pixel bounds."""
+        return smart_resize(image.height, image.width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+
+    def video_frames(self, path):
+        """A video's frames as the model sees them: sampled (--fps and the frame bounds) and resized.
+        -> (frames [N, H, W, 3] uint8, their indices in the file, the file's fps)"""
+        v = self.vision
+        frames, indices, video_fps = read_video(path, v.fps, v.video_min_frames, v.video_max_frames, self.temporal_patch_size)
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(frames.shape[1], frames.shape[2], factor, min(self.min_pixels, v.video_max_pixels), v.video_max_pixels)
+        return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames]), indices, video_fps
+
     def encode_image(self, path):
         image = load_image(path)
-        factor = self.patch_size * self.merge_size
-        h, w = smart_resize(image.height, image.width, factor, self.min_pixels, self.max_pixels)
+        h, w = self.image_size(image)
         out = self.image_processor(images=[image], min_pixels=self.min_pixels, max_pixels=self.max_pixels, return_tensors="pt")
         assert tuple(out["image_grid_thw"][0].tolist()) == (1, h // self.patch_size, w // self.patch_size)
         return out["pixel_values"], out["image_grid_thw"]
 
     def encode_video(self, path):
-        v = self.vision
-        frames, indices, video_fps = read_video(path, v.fps, v.video_min_frames, v.video_max_frames, self.temporal_patch_size)
-        factor = self.patch_size * self.merge_size
-        h, w = smart_resize(frames.shape[1], frames.shape[2], factor, min(self.min_pixels, v.video_max_pixels), v.video_max_pixels)
-        resized = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC)) for f in frames])
+        resized, indices, video_fps = self.video_frames(path)
         normalised = ((resized.astype(np.float32) / 255.0 - self.mean) / self.std).transpose(0, 3, 1, 2)
         patches, grid = patchify(normalised, self.patch_size, self.temporal_patch_size, self.merge_size)
         # seconds covered by one temporal patch; Qwen3-VL writes a timestamp per temporal patch into the prompt

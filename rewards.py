@@ -388,14 +388,20 @@ REWARDS = {
 # ----------------------------------------------------------------------------- plugins
 
 
-def load_reward_plugin(path: str) -> list[str]:
-    """Import a user's .py file and register its rewards into REWARDS (see the module docstring); return their names."""
-    spec = importlib.util.spec_from_file_location(f"reward_plugin_{Path(path).stem}", path)
+def import_file(path, prefix):
+    """A user's .py file imported as module `<prefix>_<file stem>` (reward plugins; train_grpo's multi-turn plugins)."""
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{Path(path).stem}", path)
     if spec is None:
-        raise ValueError(f"cannot import reward plugin {path}: not a .py file")
+        raise ValueError(f"cannot import {path}: not a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickling look the module up here
     spec.loader.exec_module(module)
+    return module
+
+
+def load_reward_plugin(path: str) -> list[str]:
+    """Import a user's .py file and register its rewards into REWARDS (see the module docstring); return their names."""
+    module = import_file(path, "reward_plugin")
     found = {}
     for name, obj in vars(module).items():
         if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:

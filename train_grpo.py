@@ -22,7 +22,6 @@ main is setup + train with CHORD's update.
 import contextlib
 import fnmatch
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -617,10 +616,9 @@ def vllm_prompt(sample, prompt, encoder):
     """One vLLM request's input for a prompt that encoder() encoded: its token ids with each image's (or Qwen2.5-VL
     video's) run of placeholder tokens collapsed to one, which vLLM's processor expands again, and the media as
     data.py prepares them: images resized (PIL bicubic, as transformers' processor) to smart_resize's size for the
-    encoder's bounds, a video's frames as sampled and resized by Encoder.encode_video (the engine's processor leaves
+    encoder's bounds, a video's frames as Encoder.video_frames samples and resizes them (the engine's processor leaves
     both as they are: VLLM_PROCESSOR_KWARGS). So the vision tokens and pixels are the ones the loss sees;
     vllm_rollout checks vLLM's expanded ids against the encoder's."""
-    import numpy as np
     from PIL import Image
 
     ids, pads = prompt["input_ids"].tolist(), {encoder.image_pad, encoder.video_pad}
@@ -631,24 +629,17 @@ def vllm_prompt(sample, prompt, encoder):
         ids = encoder.tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = [t for i, t in enumerate(ids) if t not in pads or i == 0 or ids[i - 1] != t]
-    factor = encoder.patch_size * encoder.merge_size
     media = {}
     if sample.images:
         images = [data.load_image(p) for p in sample.images]
-        sizes = [data.smart_resize(im.height, im.width, factor, encoder.min_pixels, encoder.max_pixels) for im in images]
-        media["image"] = [im.resize((w, h), Image.BICUBIC) for im, (h, w) in zip(images, sizes)]
+        media["image"] = [im.resize(encoder.image_size(im)[::-1], Image.BICUBIC) for im in images]  # PIL: (w, h)
     if sample.videos:
-        v = encoder.vision
         media["video"] = []
         for path in sample.videos:
-            frames, indices, video_fps = data.read_video(path, v.fps, v.video_min_frames, v.video_max_frames,
-                                                         encoder.temporal_patch_size)
-            h, w = data.smart_resize(frames.shape[1], frames.shape[2], factor, min(encoder.min_pixels, v.video_max_pixels),
-                                     v.video_max_pixels)
-            resized = [Image.fromarray(f).resize((w, h), Image.BICUBIC) for f in frames]
+            frames, indices, video_fps = encoder.video_frames(path)
             metadata = {"fps": video_fps, "frames_indices": indices.tolist(), "total_num_frames": int(indices[-1]) + 1,
                         "video_backend": "decord", "do_sample_frames": False}
-            media["video"].append((np.stack([np.asarray(f) for f in resized]), metadata))
+            media["video"].append((frames, metadata))
     return {"prompt_token_ids": ids, **({"multi_modal_data": media} if media else {})}
 
 
@@ -947,6 +938,7 @@ def vllm_server_sync_weights(communicator, model, cfg, rank):
     for path in ("/finish_weight_update", "/reset_prefix_cache", "/reset_encoder_cache"):
         vllm_server_request(cfg, path, {})
 
+
 # The three things the loop asks of vLLM: start it, send it the weights, generate
 
 def start_vllm(cfg, device, rank, samples, resumed):
@@ -1011,10 +1003,7 @@ def load_multi_turn_plugin(path):
     """The step(messages, completion, turn, **columns) function of a --multi_turn_plugin file."""
     if not (path.endswith(".py") and os.path.isfile(path)):
         raise SystemExit(f"--multi_turn_plugin {path}: no such .py file")
-    spec = importlib.util.spec_from_file_location(f"multi_turn_plugin_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look the module up here
-    spec.loader.exec_module(module)
+    module = rewards.import_file(path, "multi_turn_plugin")
     if not callable(getattr(module, "step", None)):
         raise SystemExit(f"--multi_turn_plugin {path} has no function step(messages, completion, turn, **columns)")
     return module.step
@@ -1434,6 +1423,9 @@ def micro_batches(batch, encoder, cfg, device):
     """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order (multi-turn:
     an episode's last prompt + its last reply, every reply labelled)."""
     size, micro = cfg.per_device_train_batch_size, []
+    sampled = None  # vLLM's sampled log-probabilities, per completion token
+    if batch["groups"][0]["sampled_logps"] is not None:
+        sampled = [x for g in batch["groups"] for x in g["sampled_logps"]]
     for start in range(0, len(batch["completion_ids"]), size):
         ids = batch["completion_ids"][start : start + size]
         groups = [batch["groups"][(start + k) // cfg.num_generations] for k in range(len(ids))]
@@ -1445,9 +1437,8 @@ def micro_batches(batch, encoder, cfg, device):
         micro.append({"examples": examples,
                       "lengths": [len(c) for c in ids], "advantages": batch["advantages"][start : start + size].to(device),
                       "keep": batch["keep"][start : start + size].to(device)})
-        if batch["groups"][0]["sampled_logps"] is not None:  # vLLM's, per completion token
-            sampled = [x for g in batch["groups"] for x in g["sampled_logps"]][start : start + size]
-            micro[-1]["sampled_logps"] = sampled
+        if sampled is not None:
+            micro[-1]["sampled_logps"] = sampled[start : start + size]
     return micro
 
 

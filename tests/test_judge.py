@@ -6,7 +6,6 @@ vLLM is installed against a real vLLM OpenAI server of the tiny model on CPU:
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards  # noqa: E402
+from conftest import stop_server  # noqa: E402
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>How many cats are there?"}]
 
@@ -67,15 +67,6 @@ class JudgeHandler(BaseHTTPRequestHandler):
             self.send(reply, {"error": {"message": "This model's maximum context length is 32 tokens"}})
         else:
             self.send(200, {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})
-
-def stop_server(process):
-    """SIGTERM to the server's process group; SIGKILL if it has not gone in 60 s (a loaded 2-core machine)."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import types
@@ -20,21 +19,13 @@ import torch
 pytest.importorskip("vllm")
 
 import data  # noqa: E402
+from conftest import run_torchrun, stop_server  # noqa: E402
 import train_grpo  # noqa: E402
 
 torch.set_num_threads(1)  # before vLLM's CPU worker binds its threads: with two each, in-process generation is ~50x slower
 CPU = torch.device("cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl"]
-
-def stop_server(process):
-    """SIGTERM to the server's process group; SIGKILL if it has not gone in 60 s (a loaded 2-core machine)."""
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 
@@ -481,8 +472,6 @@ def test_two_processes_with_vllm_match_one(tmp_path):
     """Colocate under torchrun (vLLM's external_launcher, an engine per process): 2 CPU processes give the rewards,
     losses and gradient norms of 1 process with the same global batch, since each completion's vLLM request has its
     own seed whichever process sends it; the weights reach both engines (vllm_logprob_diff equal too)."""
-    from conftest import run_torchrun
-
     plugin = tmp_path / "distinct.py"
     plugin.write_text("def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n")
     args = ["--dataset", "demo#8", "--val_dataset", "demo#2", "--num_workers", "0", "--num_generations", "4",
