@@ -153,7 +153,7 @@ class Config:
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True
-    offload_optimizer: bool = False
+    fsdp_offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
     # evaluation, logging, checkpoints
     output_dir: str = "outputs/grpo"
     logging_steps: int = 1
@@ -340,7 +340,7 @@ def shard_model(model, cfg, device):
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": cfg.fsdp_reshard_after_forward}
-    if cfg.offload_optimizer:
+    if cfg.fsdp_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
@@ -367,7 +367,7 @@ def load_reference(cfg, device, distributed):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reference = pretrained(cfg, data.resolve_model(cfg.model), dtype).requires_grad_(False).eval().to(device)
     if distributed:
-        reference = shard_model(reference, replace(cfg, fsdp_reshard_after_forward=True, offload_optimizer=False), device)
+        reference = shard_model(reference, replace(cfg, fsdp_reshard_after_forward=True, fsdp_offload=False), device)
     return reference
 
 

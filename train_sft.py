@@ -87,7 +87,7 @@ class Config:
     seed: int = 42
     # distributed
     fsdp_reshard_after_forward: bool = True  # false: keep gathered weights between forward and backward (ZeRO-2-like)
-    offload_optimizer: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
+    fsdp_offload: bool = False  # FSDP2 CPU offload of parameters, gradients and optimizer state
     # evaluation, logging, checkpoints
     output_dir: str = "outputs/sft"
     logging_steps: int = 10
@@ -278,7 +278,7 @@ def shard_model(model, cfg, device):
     param_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               "reshard_after_forward": cfg.fsdp_reshard_after_forward}
-    if cfg.offload_optimizer:
+    if cfg.fsdp_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kwargs)
