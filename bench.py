@@ -8,6 +8,7 @@ downloaded), next to what users would otherwise run, printed as one markdown tab
     python bench.py sft --shape qwen2.5-vl-3b --images 240 --text false --against trl   # packed rows of image examples
     python bench.py dpo --shape qwen2.5-vl-3b --train_type lora              # DPO pairs/s against TRL's DPOTrainer
     python bench.py grpo --shape qwen2.5-vl-3b                               # GRPO step time and its split, against TRL
+    python bench.py grpo --shape qwen2.5-vl-3b --rollouts builtin vllm --against trl-vllm   # vLLM rollouts, both sides
     python bench.py grpo --shape tiny-qwen2.5-vl --steps 3 --warmup 1 --max_completion_length 16   # CPU smoke test
 
 Every workload runs the repo's own script end to end (train_sft.py, train_dpo.py, train_grpo.py as a subprocess,
@@ -26,7 +27,8 @@ every step, on the same sequences: with LoRA the same model with its adapters of
 copy (no precomputed reference log-probabilities in either). Plain sigmoid DPO: train_dpo.py's NLL term is off
 (--rpo_alpha 0), as in TRL's default loss.
 GRPO: --prompts_per_step prompts of --prompt_tokens tokens, --num_generations completions of each sampled by the
-policy itself (train_grpo.py's own CUDA-graphed decode loop, or vLLM with `--flags --use_vllm true`; TRL's transformers generate) up to
+policy itself (train_grpo.py's own CUDA-graphed decode loop, or with `--rollouts vllm` a vLLM engine in the training
+process; TRL's transformers generate, or with `--against trl-vllm` TRL's vLLM colocate mode, same memory share) up to
 --max_completion_length tokens, scored by rewards.random (no cost, and every group gets a non-zero advantage); one
 optimizer step per rollout, in micro-batches of --per_device_train_batch_size completions. Completions are not forced to full length: train_grpo.py has no
 switch to ignore the end-of-turn token (TRL has, through generation_kwargs; left off, so both do the same work). But a
@@ -404,12 +406,13 @@ def run_trl_dpo(model_dir, pairs, steps, warmup, lora, pairs_per_step, tokens_pe
             "peak_gib": peak}
 
 
-def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args):
-    """TRL's GRPOTrainer on the same prompts, generating with transformers (use_vllm=False), one optimizer step per
-    rollout: the whole rollout generated at once, then gradient_accumulation_steps micro-batches. The step is timed
+def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args, use_vllm=False):
+    """TRL's GRPOTrainer on the same prompts, generating with transformers, or with use_vllm with a vLLM engine in
+    this process (TRL's colocate mode, its defaults: no sleep, truncated importance sampling on), one optimizer step
+    per rollout: the whole rollout generated at once, then gradient_accumulation_steps micro-batches. The step is timed
     by a callback; inside it, TRL's generation, rewards and log-prob passes by wrapping the trainer's methods
-    (_generate: tokenise + generate; _calculate_rewards; _generate_and_score_completions: both, then the old-policy
-    and reference log-probs and the advantages)."""
+    (_generate: tokenise + weight sync + generate; _calculate_rewards; _generate_and_score_completions: both, then the
+    old-policy and reference log-probs and the advantages; vLLM: its sync_weights alone too)."""
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -423,8 +426,10 @@ def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args):
                         temperature=args.temperature, top_p=1.0, top_k=0, beta=args.beta, num_iterations=1,
                         epsilon=0.2, loss_type=args.loss_type, scale_rewards="group", learning_rate=learning_rate,
                         lr_scheduler_type="constant", adam_beta2=0.99, bf16=CUDA, gradient_checkpointing=True,
-                        gradient_checkpointing_kwargs={"use_reentrant": False}, use_vllm=False, logging_steps=1,
-                        save_strategy="no", report_to="none", optim=OPTIM)
+                        gradient_checkpointing_kwargs={"use_reentrant": False}, use_vllm=use_vllm, logging_steps=1,
+                        save_strategy="no", report_to="none", optim=OPTIM,
+                        **(dict(vllm_mode="colocate", vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                vllm_max_model_length=args.prompt_tokens + args.max_completion_length) if use_vllm else {}))
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=rewards.random, args=config, train_dataset=Dataset.from_list(prompts),
                           processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft_config(lora, 0.0),
@@ -443,6 +448,9 @@ def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args):
 
     for name, seconds in phases.items():  # an attribute of the instance: TRL's own calls (self._generate...) find it
         setattr(trainer, name, timed(getattr(trainer, name), seconds))
+    sync_times = []
+    if use_vllm:
+        trainer.vllm_generation.sync_weights = timed(trainer.vllm_generation.sync_weights, sync_times)
     reset_peak()
     trainer.train()
     peak = peak_gib()
@@ -451,7 +459,8 @@ def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args):
     del trainer, model
     release()
     return {"step_s": step, "rollout_s": generate + score, "logprob_s": prepare - generate - score,
-            "update_s": step - prepare, "completion_length": mean(lengths), "peak_gib": peak}
+            "update_s": step - prepare, "completion_length": mean(lengths), "peak_gib": peak,
+            "weight_sync_s": mean(sync_times[warmup:]) if use_vllm else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -603,12 +612,25 @@ def bench_grpo(args, work):
              "--val_dataset", prompt_file + "#1", "--eval_on_start", "false", "--eval_steps", "0"] + args.flags
     name = (f"GRPO {args.train_type}, {args.shape}, {args.prompts_per_step} prompts x {args.num_generations} completions, "
             f"{args.prompt_tokens} + up to {args.max_completion_length} tokens, beta {args.beta}")
-    steps = run_script("train_grpo.py", model_dir, prompt_file, os.path.join(work, "out-grpo"), args.steps, args.warmup, flags)
-    ours = {k: mean([m[k] for m in steps]) for k in ("step_s", "rollout_s", "logprob_s", "update_s", "completion_length")}
-    results = [(name, "this repo (train_grpo.py)", {**ours, "peak_gib": logged_peak(steps)})]
+    vllm_flags = ["--use_vllm", "true", "--vllm_mode", "colocate", "--vllm_importance_sampling_correction", "true",
+                  "--vllm_gpu_memory_utilization", str(args.vllm_gpu_memory_utilization)]  # TRL's colocate defaults
+    ours = {"builtin": ("this repo (train_grpo.py)", []),
+            "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags)}
+    results = []
+    for rollout in args.rollouts:
+        label, extra = ours[rollout]
+        steps = run_script("train_grpo.py", model_dir, prompt_file, os.path.join(work, f"out-grpo-{rollout}"), args.steps,
+                           args.warmup, flags + extra)
+        row = {k: mean([m[k] for m in steps]) for k in ("step_s", "rollout_s", "logprob_s", "update_s", "completion_length")}
+        if rollout == "vllm":
+            row.update(weight_sync_s=mean([m["weight_sync_s"] for m in steps]),
+                       vllm_logprob_diff=mean([m["vllm_logprob_diff"] for m in steps]))
+        results.append((name, label, {**row, "peak_gib": logged_peak(steps)}))
     against(results, name, args.against,
-            {"trl": lambda: run_trl_grpo(model_dir, prompts, args.steps, args.warmup, lora, learning_rate, args)},
-            {"trl": "TRL GRPOTrainer (no vLLM)"})
+            {"trl": lambda: run_trl_grpo(model_dir, prompts, args.steps, args.warmup, lora, learning_rate, args),
+             "trl-vllm": lambda: run_trl_grpo(model_dir, prompts, args.steps, args.warmup, lora, learning_rate, args,
+                                              use_vllm=True)},
+            {"trl": "TRL GRPOTrainer (no vLLM)", "trl-vllm": "TRL GRPOTrainer, vLLM colocate"})
     return results
 
 
@@ -626,7 +648,8 @@ TABLES = {
              ("tokens/s per GPU", "tokens_per_s", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"), ("peak GiB", "peak_gib", "{:.1f}")]),
     "grpo": (lambda m: 1 / m["step_s"],
              [("step s", "step_s", "{:.2f}"), ("vs this repo", "vs", "{:.2f}x"), ("rollout s", "rollout_s", "{:.2f}"),
-              ("log-prob s", "logprob_s", "{:.2f}"), ("update s", "update_s", "{:.2f}"),
+              ("weight sync s", "weight_sync_s", "{:.2f}"), ("log-prob s", "logprob_s", "{:.2f}"),
+              ("update s", "update_s", "{:.2f}"), ("vLLM logprob diff", "vllm_logprob_diff", "{:.4f}"),
               ("mean completion tokens", "completion_length", "{:.0f}"), ("peak GiB", "peak_gib", "{:.1f}")]),
 }
 
@@ -681,7 +704,11 @@ def main(argv=None):
     d.add_argument("--reply_tokens", type=int, default=512, help="per reply, its <|im_end|> and newline included")
     d.add_argument("--pairs_per_step", type=int, default=8)
     d.add_argument("--beta", type=float, default=0.1)
-    g = workload("grpo", "GRPO step time and its split, against TRL's GRPOTrainer", "lora", 5, 2, ["trl"])
+    g = workload("grpo", "GRPO step time and its split, against TRL's GRPOTrainer", "lora", 5, 2, ["trl", "trl-vllm"])
+    g.set_defaults(against=["trl"])  # (trl-vllm: on a machine with vLLM)
+    g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm"],
+                   help="this repo's rows: the built-in rollout, vLLM colocate (--use_vllm true)")
+    g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3, help="colocate engines' share (ours and TRL's)")
     g.add_argument("--prompt_tokens", type=int, default=256, help="per prompt, chat template included")
     g.add_argument("--prompts_per_step", type=int, default=8)
     g.add_argument("--num_generations", type=int, default=8)

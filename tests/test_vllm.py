@@ -490,3 +490,24 @@ def test_two_processes_with_vllm_match_one(tmp_path):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["vllm_logprob_diff"] == pytest.approx(b["vllm_logprob_diff"], rel=1e-3)
+
+
+def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
+    """bench.py grpo --rollouts builtin vllm: a row for each of this repo's rollouts, the vLLM row with its weight
+    sync and log-probability diff; the phases add up to the step."""
+    import bench
+
+    bench.main(["grpo", "--shape", "tiny-qwen2.5-vl", "--steps", "3", "--warmup", "1", "--prompt_tokens", "48",
+                "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
+                "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "--against", "--work", str(tmp_path),
+                "--flags", "--num_workers", "0"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| GRPO")]
+    header = ["workload", "framework", "step s", "vs this repo", "rollout s", "weight sync s", "log-prob s", "update s",
+              "vLLM logprob diff", "mean completion tokens", "peak GiB"]
+    rows = {row["framework"]: row for row in (dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines)}
+    assert list(rows) == ["this repo (train_grpo.py)", "this repo (train_grpo.py), vLLM colocate"]
+    builtin, vllm = rows.values()
+    assert builtin["weight sync s"] == "" and 0 < float(vllm["vLLM logprob diff"]) < 0.05
+    for row in rows.values():
+        phases = sum(float(row[p]) for p in ("rollout s", "log-prob s", "update s"))
+        assert phases == pytest.approx(float(row["step s"]), abs=0.02) and float(row["mean completion tokens"]) <= 8
