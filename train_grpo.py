@@ -84,6 +84,8 @@ class Config:
     vllm_lora_sync: str = "adapter"  # LoRA: adapter (vLLM's LoRA, only the adapter is sent) | merged (W + scale B A sent as weights)
     sleep_level: int = 0  # colocate on GPU, while training: 0 the engine keeps its memory | 1 KV cache freed, weights backed up
     # to CPU | 2 both freed (the next sync sends every weight again). CPU: vLLM has no sleep mode
+    offload_model: bool = False  # colocate: the training weights go to CPU while vLLM generates (with --sleep_level 1|2)
+    offload_optimizer: bool = False  # colocate: AdamW's moments go to CPU while vLLM generates (with --sleep_level 1|2)
     vllm_server_host: str = "127.0.0.1"  # server mode: where the vLLM server listens
     vllm_server_port: int = 8000
     vllm_server_timeout: float = 240.0  # seconds to wait for the server at start (a 7B model takes ~2 min to come up)
@@ -215,6 +217,10 @@ def parse_config(argv=None, config_class=Config):
     if cfg.multi_turn_plugin and cfg.use_vllm and cfg.vllm_mode == "server":
         raise SystemExit("--multi_turn_plugin with --vllm_mode server: the server would re-tokenise the conversation's text, "
                          "which need not give back the tokens the policy sampled; use --vllm_mode colocate or the built-in rollout")
+    if (cfg.offload_model or cfg.offload_optimizer) and not (cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.sleep_level):
+        raise SystemExit("--offload_model / --offload_optimizer give vLLM's colocated engine the training state's GPU memory "
+                         "while it generates, and take it back while the engine sleeps: they need --use_vllm true "
+                         "--vllm_mode colocate --sleep_level 1 (or 2)")
     cfg.epsilon_high = cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high
     return cfg
 
@@ -781,6 +787,22 @@ def vllm_wake(llm, cfg, tags=None):
         llm.wake_up(tags=tags)
 
 
+@torch.no_grad()
+def move_training_state(model, optimizer, cfg, device):
+    """--offload_model / --offload_optimizer (colocate): the policy's weights and AdamW's state to `device`: to CPU
+    while vLLM generates (its KV cache takes their memory), back before the log-probabilities. Under FSDP2,
+    Module.to moves each shard and FSDP re-points its own views of them (fully_shard's _apply)."""
+    if cfg.offload_model:
+        model.to(device)
+    if cfg.offload_optimizer:
+        for state in optimizer.state.values():  # (empty before the first step)
+            for key, value in state.items():
+                if torch.is_tensor(value):  # fused AdamW keeps its step count on the parameters' device too
+                    state[key] = value.to(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the caching allocator's freed blocks, to the driver: vLLM allocates outside it
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rollout with a vLLM server (--vllm_mode server): vLLM's own OpenAI server, no serving code of ours. Generation over
 # HTTP (/v1/chat/completions, vLLM's extensions: seed, bad_words, stop_token_ids, return_token_ids); weights over NCCL
@@ -941,17 +963,24 @@ def vllm_server_sync_weights(communicator, model, cfg, rank):
 
 # The three things the loop asks of vLLM: start it, send it the weights, generate
 
-def start_vllm(cfg, device, rank, samples, resumed):
+def start_vllm(cfg, device, rank, samples, resumed, model, optimizer):
     """--use_vllm: the engine in this process (colocate), or the server's name and process 0's NCCL group with it.
     samples: every record, for the most images and videos one prompt has (vLLM reserves room for them; multi-turn,
-    one more image per tool turn)."""
+    one more image per tool turn). With --offload_model / --offload_optimizer the engine starts while the training
+    state is on CPU (vLLM takes its share of what is free then) and sleeps before it comes back."""
     max_media = (max(len(s.images) for s in samples) + cfg.max_turns - 1, max(len(s.videos) for s in samples))
-    vllm = SimpleNamespace(llm=None, lora_request=None, model_name=None, communicator=None, asleep=False,
+    vllm = SimpleNamespace(llm=None, lora_request=None, model_name=None, communicator=None, sleeping=set(),
                            synced_step=None if resumed else 0)  # a resumed policy is not the checkpoint vLLM loaded
     if cfg.vllm_mode == "colocate":
         if device.type == "cpu":  # vLLM's CPU worker pins its own threads: more here and both crawl (~50x)
             torch.set_num_threads(1)
+        move_training_state(model, optimizer, cfg, torch.device("cpu"))
         vllm.llm = vllm_engine(cfg, device, max_media)
+        if cfg.offload_model or cfg.offload_optimizer:
+            vllm_sleep(vllm.llm, cfg)
+            vllm.sleeping = {"weights", "kv_cache"}
+            vllm.synced_step = None if cfg.sleep_level == 2 else vllm.synced_step  # (level 2 dropped the weights)
+            move_training_state(model, optimizer, cfg, device)
     elif device.type != "cuda":
         raise SystemExit("--vllm_mode server sends the weights to the server over NCCL, which needs GPUs; on CPU use "
                          "--vllm_mode colocate")
@@ -963,17 +992,33 @@ def start_vllm(cfg, device, rank, samples, resumed):
 
 def sync_vllm(run):
     """The policy's weights (after this rollout's optimizer steps) into vLLM; a sleeping engine wakes its weights
-    first and its KV cache after the sync, so the two are never both allocated beside the sync's buffers."""
+    only (its KV cache wakes in wake_vllm, after the sync's buffers are freed)."""
     vllm, cfg = run.vllm, run.cfg
     if cfg.vllm_mode == "server":
         vllm_server_sync_weights(vllm.communicator, run.model, cfg, run.rank)
         return
-    if vllm.asleep:
+    if "weights" in vllm.sleeping:
         vllm_wake(vllm.llm, cfg, ["weights"])
+        vllm.sleeping.discard("weights")
     vllm.lora_request = vllm_sync_weights(vllm.llm, run.model, cfg)
-    if vllm.asleep:
-        vllm_wake(vllm.llm, cfg, ["kv_cache"])
-        vllm.asleep = False
+
+
+def wake_vllm(run):
+    """colocate, before generating: the training state off the GPU (--offload_model / --offload_optimizer), then
+    whatever of the engine sleeps back (its KV cache; its weights too if no sync woke them)."""
+    vllm, cfg = run.vllm, run.cfg
+    move_training_state(run.model, run.optimizer, cfg, torch.device("cpu"))
+    if vllm.sleeping:
+        vllm_wake(vllm.llm, cfg, sorted(vllm.sleeping))
+        vllm.sleeping = set()
+
+
+def sleep_vllm(run):
+    """colocate, after generating: the engine sleeps (--sleep_level 1|2) and the training state comes back."""
+    if run.cfg.sleep_level > 0:
+        vllm_sleep(run.vllm.llm, run.cfg)
+        run.vllm.sleeping = {"weights", "kv_cache"}
+    move_training_state(run.model, run.optimizer, run.cfg, run.device)
 
 
 def generate_completions(run, samples, prompts, seeds, num_generations=None):
@@ -1813,7 +1858,7 @@ def setup(cfg, state=None):
         state.update(load_checkpoint(resume, model, optimizer, scheduler, cfg))
         if master:
             print(f"resumed from {resume} at step {state['step']}")
-    vllm = start_vllm(cfg, device, rank, train + val, resume is not None) if cfg.use_vllm else None
+    vllm = start_vllm(cfg, device, rank, train + val, resume is not None, model, optimizer) if cfg.use_vllm else None
     if master:
         print(f"{len(kept)} prompts, {len(val)} held out; {prompts_per_rank * world_size} prompts x {cfg.num_generations} "
               f"completions per rollout, {total_steps} steps; {trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters "
@@ -1863,6 +1908,8 @@ def train(run, update):
             sync_vllm(run)
             run.vllm.synced_step = state["step"]
         weight_sync_s = clock() - start
+        if run.vllm and run.vllm.llm:
+            wake_vllm(run)
         # rollout and rewards. DAPO's dynamic sampling (§3.2): while too few groups disagree (equal rewards: no
         # signal), more rounds of new prompts, up to max_resample_times; agreeing groups fill what is still missing
         groups, generated, errors = [], {}, {}
@@ -1901,9 +1948,8 @@ def train(run, update):
                 completions_file.writelines(json.dumps(r) + "\n" for r in rows)
                 completions_file.flush()
         stats = rollout_metrics(groups, generated, batch["advantages"], rounds, errors, cfg, distributed)
-        if run.vllm and run.vllm.llm and cfg.sleep_level > 0:  # colocate: the engine's memory goes to training
-            vllm_sleep(run.vllm.llm, cfg)
-            run.vllm.asleep = True
+        if run.vllm and run.vllm.llm:  # colocate: the engine's memory goes back to training
+            sleep_vllm(run)
         rollout_end = clock()
         micro = micro_batches(batch, encoder, cfg, device)
         vllm_diff = all_reduce(fixed_logps(run.model, run.reference, micro, cfg, device), distributed)

@@ -594,6 +594,16 @@ def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
         train_grpo.parse_config(["--master_dtype", "fp16"])
 
 
+@pytest.mark.parametrize("flags", [[], ["--use_vllm", "true"], ["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "1"]])
+def test_offload_needs_a_sleeping_colocated_engine(flags):
+    """--offload_model / --offload_optimizer hand the training state's GPU memory to a colocated vLLM engine while it
+    generates: without one that sleeps while training they would only slow the run, so they are refused."""
+    for offload in ("--offload_model", "--offload_optimizer"):
+        with pytest.raises(SystemExit, match="need --use_vllm true --vllm_mode colocate --sleep_level 1"):
+            train_grpo.parse_config(flags + [offload, "true"])
+    assert train_grpo.parse_config(["--use_vllm", "true", "--sleep_level", "1", "--offload_model", "true"]).offload_model
+
+
 FLAKY = '''
 import math, time
 

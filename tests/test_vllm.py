@@ -360,6 +360,50 @@ def test_gpu_colocate_sync_sleep_and_lora(prompts):
         with train_grpo.lora.disable_adapters(model):  # (the base model is far from them: the adapter was applied)
             assert diff_to_trainer(model, adapted, logprobs)[0] > 0.2
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moves the training state between the GPU and the CPU")
+def test_gpu_offload_moves_the_training_state_and_back(tmp_path):
+    """move_training_state under FSDP2 (a group of one, as on one GPU): to CPU, the GPU memory of the weights and
+    AdamW's moments is freed; back, the policy computes what it computed before, and a step still trains; and
+    train_grpo.py with --offload_model --offload_optimizer --sleep_level 1 gives the losses of the same run without."""
+    import torch.distributed as dist
+
+    cuda = torch.device("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    cfg = config("tiny-qwen2.5-vl", "--sleep_level", "1", "--offload_model", "true", "--offload_optimizer", "true")
+    model = train_grpo.shard_model(train_grpo.load_model(cfg, cuda)[0], cfg, cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, 100, (1, 16), device=cuda)
+    model(input_ids=ids).logits.float().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+    used = torch.cuda.memory_allocated()
+    train_grpo.move_training_state(model, optimizer, cfg, torch.device("cpu"))
+    state_bytes = sum(p.to_local().nbytes for p in model.parameters()) * 3  # fp32 weights + two moments
+    assert torch.cuda.memory_allocated() < used - 0.9 * state_bytes
+    assert all(p.to_local().device.type == "cpu" for p in model.parameters())
+    train_grpo.move_training_state(model, optimizer, cfg, cuda)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits.float(), before)
+    model(input_ids=ids).logits.float().mean().backward()
+    optimizer.step()  # (fused AdamW needs its state on the parameters' device: it is)
+
+    args = ["--dataset", "demo#8", "--val_dataset", "demo#2", "--num_workers", "0", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "6", "--max_steps", "3", "--eval_steps", "0",
+            "--save_steps", "0", "--use_vllm", "true", "--vllm_gpu_memory_utilization", "0.2", "--sleep_level", "1",
+            "--reward_funcs", "random", "--learning_rate", "1e-2"]
+    runs = []
+    for name, extra in (("plain", []), ("offload", ["--offload_model", "true", "--offload_optimizer", "true"])):
+        subprocess.run([sys.executable, "train_grpo.py", *args, *extra, "--output_dir", str(tmp_path / name)], cwd=ROOT,
+                       check=True)
+        runs.append([json.loads(line) for line in open(tmp_path / name / "metrics.jsonl") if '"loss"' in line])
+    for a, b in zip(*runs):
+        assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
 # ----------------------------------------------------------------------------- server mode: vLLM's own OpenAI server
 
 
@@ -432,7 +476,7 @@ def test_server_errors_name_the_server(server, prompts, monkeypatch):
 # the whole loop: train_grpo.main with --use_vllm true
 
 
-@pytest.mark.parametrize("train_type", ["full", "lora"])
+@pytest.mark.parametrize("train_type", ["full", "lora", "full-offload"])
 def test_main_with_vllm_keeps_vllm_on_the_policy(tmp_path, train_type):
     """A CPU run of train_grpo.py with colocated vLLM: after every optimizer step the weights reach the engine, so
     vLLM's log-probabilities of its own samples stay as close to the trainer's as before the first step while the
@@ -444,6 +488,9 @@ def test_main_with_vllm_keeps_vllm_on_the_policy(tmp_path, train_type):
             "--per_device_train_batch_size", "8", "--max_completion_length", "6", "--max_steps", "3", "--eval_steps", "0",
             "--save_steps", "3", "--learning_rate", "1e-2", "--use_vllm", "true", "--train_type", train_type,
             "--vllm_importance_sampling_correction", "true", "--reward_funcs", "random", "--output_dir", str(tmp_path)]
+    if train_type == "full-offload":  # (CPU: the state stays where it is and vLLM has no sleep mode: the wiring only)
+        args[args.index("full-offload")] = "full"
+        args += ["--sleep_level", "1", "--offload_model", "true", "--offload_optimizer", "true"]
     # a process of its own, as a user runs it (this one holds the module's engines and their process group)
     subprocess.run([sys.executable, "train_grpo.py", *args], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
