@@ -115,8 +115,8 @@ class Config:
     epsilon_high: float | None = None  # default: epsilon; DAPO's clip-higher: 0.28
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1  # updates per rollout (GRPO's mu); > 1 computes the sampling policy's logps once
-    top_entropy_quantile: float = 1.0  # < 1: only this fraction of the step's completion tokens (the highest-entropy
-    # ones) get the policy loss ("Beyond the 80/20 rule": 0.2); 1: every token (see entropy_mask)
+    top_entropy_quantile: float = 1.0  # < 1: only this fraction of the step's completion tokens of nonzero advantage
+    # (the highest-entropy ones) get the policy loss ("Beyond the 80/20 rule": 0.2); 1: every token (see entropy_mask)
     # what is trained
     train_type: str = "full"  # full | lora
     lora_rank: int = 8
@@ -1308,7 +1308,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
     Gao et al. 2025, arXiv 2511.20347): a soft gate instead of the hard clip; f'(1) = 1, so on policy the gradient is
     the plain policy gradient, and it fades smoothly (4 s (1 - s), s = sigmoid(tau (r - 1))) as r leaves 1.
     policy_mask: bool [B, T] or None: only these tokens get the policy term (the high-entropy ones, entropy_mask);
-    the KL term and the normalisers below still cover `mask` (as TRL does, and "Beyond the 80/20 rule"'s objective).
+    the KL term and the normalisers below still cover `mask` (as TRL and ms-swift do, and the paper's objective, 1 / sum
+    |o_i|; its released verl code divides by the kept tokens instead, which Adam's scale-free steps mostly absorb).
     token_weights: [B, T] or None: each token's policy term times its weight (vLLM's truncated importance sampling).
     KL_t: the k3 estimator of KL(policy || ref) (GRPO eq. 4): exp(ref_t - logp_t) - (ref_t - logp_t) - 1 >= 0.
     Aggregation (loss_type), with S = the sum of per-token loss * mask:
@@ -1373,7 +1374,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, beta, epsilon, epsi
 def entropy_threshold(entropies, quantile):
     """The (1 - quantile) quantile of a flat tensor of entropies, as torch.quantile computes it (linear interpolation
     between the two nearest ranks) but without its limit of 2^24 values, which a step of long completions on many
-    GPUs passes. No values (no token carries loss): 0, and no token needs it."""
+    GPUs passes. No values (no token carries a policy gradient): 0, and no token needs it."""
     values = entropies.sort().values
     if len(values) == 0:
         return entropies.new_zeros(())
@@ -1387,7 +1388,9 @@ def entropy_mask(entropies, mask, quantile, threshold=None):
     high-entropy minority tokens drive effective RL for LLM reasoning", arXiv 2506.01939: the forking tokens, where
     the policy hesitates, carry the learning). entropies, mask: [B, T] -> bool [B, T]: True for the tokens of `mask`
     whose entropy is at least the (1 - rho) quantile of the masked entropies (entropy_threshold); rho 1: mask itself.
-    threshold: that quantile taken over more tokens than these (the loop's: every process's tokens of the step)."""
+    threshold: that quantile taken over more tokens than these (the loop's: every process's tokens of the step with a
+    nonzero advantage, step_entropy_threshold). Ties at the threshold are all kept (`>=`, as TRL and ms-swift): the
+    completions of a prompt share their first position's entropy, so a group's first tokens go in or out together."""
     mask = mask.bool()
     if quantile >= 1:
         return mask
@@ -1551,9 +1554,12 @@ def completion_tokens(micro, device, distributed):
 
 def step_entropy_threshold(micro, quantile, distributed):
     """--top_entropy_quantile's threshold for the step (entropy_mask): the (1 - quantile) quantile of the entropies
-    (fixed_logps') of every process's completion tokens that carry loss, known before any backward. Processes hold
-    different numbers of tokens: each sends its own, padded to the most any holds."""
-    mine = torch.cat([mb["entropy"][mb["token_mask"]] for mb in micro])
+    (fixed_logps') of every process's completion tokens that carry loss and a nonzero advantage, known before any
+    backward. The paper ranks the tokens of a DAPO batch, after dynamic sampling dropped the groups whose rewards all
+    agree; here those groups stay unless --dynamic_sample, and their tokens (often long, high-entropy failures) would
+    take the quantile's places while getting no policy gradient. Processes hold different numbers of tokens: each
+    sends its own, padded to the most any holds."""
+    mine = torch.cat([mb["entropy"][mb["token_mask"] & (mb["advantages"] != 0)[:, None]] for mb in micro])
     if distributed:
         sizes = [torch.zeros(1, dtype=torch.long, device=mine.device) for _ in range(dist.get_world_size())]
         dist.all_gather(sizes, torch.tensor([len(mine)], device=mine.device))

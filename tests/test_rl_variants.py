@@ -180,6 +180,24 @@ def test_entropy_threshold_is_torch_quantile(n, rho):
     assert chosen.sum().item() == pytest.approx(rho * n, abs=1 + 1e-9)  # about rho of the tokens (no ties here)
 
 
+def test_step_threshold_ranks_only_tokens_with_a_policy_gradient():
+    """A group whose rewards all agree (advantage 0) gets no policy gradient whatever the mask says: its tokens must
+    not take the quantile's places. On the demo they did: a group of long, high-entropy wrong answers held the top 20%
+    and the groups with a signal lost their answer tokens (seed 2: 36 of 40 steps without a gradient)."""
+    g = torch.Generator().manual_seed(0)
+    signal = {"entropy": torch.rand(4, 3, generator=g, dtype=torch.float64),
+              "token_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool),
+              "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)}
+    agreed = {"entropy": torch.full((2, 3), 9.0, dtype=torch.float64), "token_mask": torch.ones(2, 3, dtype=torch.bool),
+              "advantages": torch.zeros(2, dtype=torch.float64)}
+    mixed = {k: torch.cat([signal[k], agreed[k]]) for k in signal}  # the agreed group inside the same micro-batch
+    expected = entropy_threshold(signal["entropy"][signal["token_mask"]], 0.2)
+    for micro in ([signal, agreed], [mixed]):
+        assert train_grpo.step_entropy_threshold(micro, 0.2, False).item() == pytest.approx(expected.item(), abs=1e-12)
+    kept = entropy_mask(signal["entropy"], signal["token_mask"], 0.2, expected)
+    assert 1 <= kept.sum().item() <= 3  # 20% of the 9 tokens with a signal, not none of them
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
 def test_policy_mask_removes_the_policy_term_only(loss_type):
     """Unchosen tokens lose the policy term; the KL term and the normaliser still cover every token."""
