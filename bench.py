@@ -17,9 +17,12 @@ and peak memory from its metrics.jsonl, skipping warm-up steps. The same tokens 
 this process: a plain transformers loop (`hf`, SFT on text rows only: DPO and GRPO have no plain loop worth the name)
 and TRL's trainers (`trl`; on image examples TRL, which packs no vision data, trains batches of as many examples as one
 packed row of ours holds), with the same model, batch, LoRA (rank 8, alpha 32, every linear layer of the language model),
-bf16 compute with fp32 LoRA weights, non-reentrant activation checkpointing and learning rate. (Full fine-tuning
-differs in one way: our scripts keep fp32 master weights by default, TRL trains the bf16-loaded weights as they
-are; --master_dtype bfloat16 in --flags or --fast gives ours TRL's precision.)
+bf16 compute with fp32 LoRA weights and learning rate. Two differences: TRL and the plain loop recompute every layer
+(non-reentrant activation checkpointing; transformers has no per-layer switch), ours runs its defaults
+(--gradient_checkpointing auto: only the layers that do not fit; --compile auto: on with CUDA) unless
+--gradient_checkpointing true|false or --flags say otherwise; and in full fine-tuning our scripts keep fp32 master
+weights by default, TRL trains the bf16-loaded weights as they are (--master_dtype bfloat16 in --flags or --fast gives
+ours TRL's precision).
 
 DPO: each pair is a prompt of --prompt_tokens tokens (chat template included) and two replies of --reply_tokens
 tokens (their <|im_end|> and newline included), --pairs_per_step pairs a step. Both frameworks score the reference
@@ -149,22 +152,10 @@ def write_image_records(path, tokenizer, examples, text_tokens, image_size, seed
 
 def flops_per_token(model_dir, lengths, patches, labelled=None):
     """Useful training FLOPs per token for sequences of these lengths holding this many vision patches, of whose
-    tokens `labelled` (default: all) have a label (module doc)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    tokens `labelled` (default: all) have a label (module doc): data.training_flops, which the train scripts' MFU uses."""
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
-    text = config.text_config
-    # the input embeddings are a lookup, not a matmul, but the output head (tied or not) is one of the same size: it
-    # takes their place in the count, over the labelled tokens only (the others' logits serve no loss)
-    head = model.model.language_model.embed_tokens.weight.numel()
-    body = sum(p.numel() for p in model.model.language_model.parameters()) - head
-    vision = sum(p.numel() for p in model.model.visual.parameters())
-    tokens = sum(lengths)
-    labelled = tokens if labelled is None else labelled
-    attention = 6 * text.num_hidden_layers * text.hidden_size * sum(n * n for n in lengths)
-    return (6 * body * tokens + 6 * head * labelled + attention + 6 * vision * patches) / tokens
+    return data.training_flops(AutoConfig.from_pretrained(model_dir), lengths, patches, labelled) / sum(lengths)
 
 
 def encoded_rows(model_dir, dataset, max_pixels=None):
@@ -492,7 +483,7 @@ def bench_sft(args, work):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lora_flags = ["--train_type", "lora", "--learning_rate", "1e-4"] if args.train_type == "lora" else ["--learning_rate", "1e-5"]
     flags = lora_flags + ["--packing", "true", "--max_length", str(args.seq_len), "--per_device_train_batch_size", "1",
-                          "--gradient_checkpointing", str(args.gradient_checkpointing).lower(), "--num_workers", "2",
+                          "--gradient_checkpointing", args.gradient_checkpointing, "--num_workers", "2",
                           "--eval_steps", str(10**9), "--eval_generate", "0"] + args.flags
 
     def ours(dataset, out_dir, extra_flags, flops):
@@ -562,7 +553,7 @@ def bench_dpo(args, work):
     learning_rate = 5e-5 if lora else 5e-7  # (the speed does not depend on it; a real model's values)
     flags = ["--train_type", args.train_type, "--learning_rate", str(learning_rate), "--lora_dropout", "0",
              "--per_device_train_batch_size", str(args.pairs_per_step), "--max_length", str(length),
-             "--gradient_checkpointing", str(args.gradient_checkpointing).lower(), "--beta", str(args.beta),
+             "--gradient_checkpointing", args.gradient_checkpointing, "--beta", str(args.beta),
              "--loss_type", "sigmoid", "--rpo_alpha", "0", "--lr_scheduler_type", "constant", "--val_dataset", "",
              "--eval_generate", "0", "--num_workers", "2"] + args.flags
     tokens_per_pair = 2 * length
@@ -608,7 +599,7 @@ def bench_grpo(args, work):
              "--gradient_accumulation_steps", str(completions // args.per_device_train_batch_size),
              "--temperature", str(args.temperature), "--reward_funcs", "random", "--beta", str(args.beta),
              "--loss_type", args.loss_type, "--num_iterations", "1", "--max_length", str(args.prompt_tokens),
-             "--gradient_checkpointing", str(args.gradient_checkpointing).lower(), "--lr_scheduler_type", "constant",
+             "--gradient_checkpointing", args.gradient_checkpointing, "--lr_scheduler_type", "constant",
              "--val_dataset", prompt_file + "#1", "--eval_on_start", "false", "--eval_steps", "0"] + args.flags
     name = (f"GRPO {args.train_type}, {args.shape}, {args.prompts_per_step} prompts x {args.num_generations} completions, "
             f"{args.prompt_tokens} + up to {args.max_completion_length} tokens, beta {args.beta}")
@@ -685,7 +676,8 @@ def main(argv=None):
         p.add_argument("--train_type", choices=["full", "lora"], default=train_type)
         p.add_argument("--steps", type=int, default=steps)
         p.add_argument("--warmup", type=int, default=warmup, help="steps left out of the timing")
-        p.add_argument("--gradient_checkpointing", type=lambda v: v.lower() == "true", default=True)
+        p.add_argument("--gradient_checkpointing", choices=["auto", "true", "false"], default="auto",
+                       help="this repo's (its default: auto); TRL and the plain loop recompute every layer")
         p.add_argument("--against", nargs="*", default=frameworks, choices=frameworks)
         p.add_argument("--work", help="folder for the model and data (default: a new temporary one)")
         p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help=f"passed on to train_{name}.py")

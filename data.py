@@ -886,6 +886,105 @@ def make_plan(kept, lengths, batch_size, packing, max_length, seed, epoch, rank=
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Speed: the useful FLOPs of a step (MFU in the train scripts' logs and bench.py), and the activation memory that
+# decides how many layers recompute under --gradient_checkpointing auto
+
+PEAK_FLOPS = 989e12  # bf16 dense, H100 / H200 SXM
+
+
+def parameter_counts(config):
+    """(language-model parameters less the input embeddings, output-head parameters, vision parameters) of a model of
+    this config, built on the meta device (nothing allocated). The input embeddings are a lookup, not a matmul, but
+    the output head (tied or not) is one of the same size: it takes their place in the count."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    head = model.model.language_model.embed_tokens.weight.numel()
+    body = sum(p.numel() for p in model.model.language_model.parameters()) - head
+    return body, head, sum(p.numel() for p in model.model.visual.parameters())
+
+
+def training_flops(config, lengths, patches, labelled=None, counts=None):
+    """Useful FLOPs of one forward and backward over sequences of `lengths` tokens holding `patches` vision patches,
+    `labelled` of the tokens (default: all) with a label; `counts`: parameter_counts(config), if known. 6 x body
+    parameters x tokens + 6 x head parameters x labelled tokens (the others' logits serve no loss) + 6 x layers x
+    hidden x sum(len^2) (causal attention, forward and backward, per sequence) + 6 x vision parameters x patches
+    (vision attention left out). Recomputation is not useful work; LoRA counts as full fine-tuning would."""
+    body, head, vision = counts or parameter_counts(config)
+    text = config.text_config
+    tokens = sum(lengths)
+    labelled = tokens if labelled is None else labelled
+    attention = 6 * text.num_hidden_layers * text.hidden_size * sum(n * n for n in lengths)
+    return 6 * body * tokens + 6 * head * labelled + attention + 6 * vision * patches
+
+
+def flop_inputs(batch):
+    """(sequence lengths, vision patches, labelled tokens) of a collated batch, or of a list of examples: what
+    training_flops counts."""
+    pixels = ("pixel_values", "pixel_values_videos")
+    if isinstance(batch, list):
+        return ([len(e["input_ids"]) for e in batch], sum(len(e[k]) for e in batch for k in pixels if e.get(k) is not None),
+                sum(int((e["labels"] != IGNORE).sum()) for e in batch))
+    if batch.get("cu_seqlens") is not None:  # packed
+        lengths = batch["cu_seqlens"].diff().tolist()
+    elif batch.get("attention_mask") is not None:  # right-padded rows: the padding is no useful work
+        lengths = batch["attention_mask"].sum(1).tolist()
+    else:
+        lengths = [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0]
+    patches = sum(len(batch[k]) for k in pixels if batch.get(k) is not None)
+    return lengths, patches, int((batch["labels"] != IGNORE).sum())
+
+
+def activation_bytes(config, tokens, compiled):
+    """Bytes a micro-batch of `tokens` tokens keeps for backward, in bf16 -> (per decoder layer, per recomputed decoder
+    layer (its input only), per vision block, per recomputed vision block), the vision blocks over the most patches
+    those tokens can hold (spatial_merge_size^2 a token: a row of images only; text rows never run the blocks, so
+    counting them costs nothing there). Counted: each matmul's input and output, flash attention's output, the norms'
+    inputs: what a compiled layer saves; an eager one also keeps fp32 norm and rotary intermediates, ~25% more."""
+    text, vision = config.text_config, config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    q, kv = text.num_attention_heads * head_dim, text.num_key_value_heads * head_dim
+    # x, its norm, q, k, v, attention out, x + attention, its norm (2 bytes each); gate, up and their product
+    layer = 2 * (4 * text.hidden_size + 2 * q + 2 * kv) + 6 * text.intermediate_size
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # (Qwen2-VL: embed_dim; hidden_size is the LLM's)
+    mlp = getattr(vision, "intermediate_size", None) or width * vision.mlp_ratio
+    gated = config.model_type == "qwen2_5_vl"  # gate/up/down; Qwen2-VL and Qwen3-VL: fc1, activation, fc2
+    block = 2 * 10 * width + (6 if gated else 4) * mlp  # x, norm, q k v, rotated q k, attention out, x + out, norm
+    scale = 1.0 if compiled else 1.25
+    patches = tokens * vision.spatial_merge_size**2
+    return (int(scale * layer * tokens), 2 * text.hidden_size * tokens, int(scale * block * patches), 2 * width * patches)
+
+
+def fixed_bytes(held, trainable, master_bytes, world_size, unsharded, tokens, vocab, offload=False):
+    """GPU bytes of training besides the layers' activations: `held` (what is on the GPU already: the weights as
+    loaded and sharded), the gradients and AdamW's two moments of this process's shard of the `trainable` weights
+    (in master_bytes; none on the GPU with CPU offload), `unsharded` bytes (FSDP's gathered bf16 parameters and
+    unsharded gradients at their peak), and the head: bf16 logits and their gradient for `tokens` tokens, and one
+    1024-token chunk of fp32 log-softmax with its gradient."""
+    states = 0 if offload else 3 * master_bytes * trainable / world_size
+    return int(held + states + unsharded + 4 * tokens * vocab + 12 * 1024 * vocab)
+
+
+def recompute_plan(budget, fixed, layers, blocks, activations):
+    """--gradient_checkpointing auto: the fewest decoder layers and vision blocks to recompute in backward for training
+    to fit `budget` bytes, given `fixed` bytes (fixed_bytes) and `activations` (activation_bytes). A recomputed unit
+    keeps only its input and rebuilds its activations in backward, one unit at a time: the first units recompute, so
+    the later ones have freed theirs by then, unless every decoder layer recomputes. Vision blocks go first: they
+    hold more activation per FLOP that recomputing them costs (~1.2 bytes a forward kFLOP, against ~0.6 for a 3B
+    decoder layer and ~0.35 for a 7B one), and cost nothing on text rows.
+    -> (decoder layers, vision blocks, estimated peak bytes); everything recomputed if nothing fits."""
+    layer, layer_input, block, block_input = activations
+    for n_layers, n_blocks in [(0, b) for b in range(blocks + 1)] + [(n, blocks) for n in range(1, layers + 1)]:
+        rebuilt = layer if n_layers == layers else 0  # (the vision blocks' backward comes after every layer's)
+        need = (fixed + (layers - n_layers) * layer + n_layers * layer_input
+                + (blocks - n_blocks) * block + n_blocks * block_input + rebuilt)
+        if need <= budget:
+            break
+    return n_layers, n_blocks, need
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tiny models: random-initialised, saved like real checkpoints, for the demo and the tests
 
 TINY_MODELS = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")

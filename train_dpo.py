@@ -92,9 +92,11 @@ class Config:
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
     max_steps: int = -1  # overrides num_train_epochs when > 0
-    gradient_checkpointing: bool = False
-    gradient_checkpointing_layers: int = -1  # recompute only the first N decoder layers (-1: all): faster, more memory
-    compile: bool = False  # torch.compile each decoder layer and vision block: fuses norms, rotary, activations (GPU)
+    # recompute activations in backward: auto (GPU: only as many decoder layers and vision blocks as the GPU's memory
+    # needs, decided before the first step and logged; CPU: none) | true (every layer and block) | false
+    gradient_checkpointing: str = "auto"
+    gradient_checkpointing_layers: int = -1  # N >= 0 (unless false): exactly the first N decoder layers, every vision block
+    compile: str = "auto"  # auto (on GPU) | true | false: torch.compile each decoder layer and vision block (fused norms, rotary)
     # the policy's trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4%
     # of a weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
     master_dtype: str = "float32"  # float32 | bfloat16
@@ -141,6 +143,10 @@ def parse_config(argv=None):
         raise SystemExit(f"--loss_type {cfg.loss_type!r}: choose sigmoid, ipo or hinge")
     if cfg.master_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"--master_dtype {cfg.master_dtype}: use float32 or bfloat16")
+    for name in ("gradient_checkpointing", "compile"):
+        setattr(cfg, name, str(getattr(cfg, name)).lower())  # (a --config file may give a boolean)
+        if getattr(cfg, name) not in ("auto", "true", "false"):
+            raise SystemExit(f"--{name} {getattr(cfg, name)}: use auto, true or false")
     if cfg.learning_rate is None:
         cfg.learning_rate = 3e-3 if cfg.train_type == "lora" else 5e-4
     cfg.val_dataset = [name for name in cfg.val_dataset if name]  # `--val_dataset ""`: no validation set
@@ -351,7 +357,8 @@ def pretrained(cfg, path, dtype):
 
 def load_model(cfg, device, weights=None):
     """The policy from cfg.model, or from `weights` (a full checkpoint being resumed), with LoRA, freezing, the
-    trainable weights in --master_dtype and gradient checkpointing. -> (model, trainable parameters, all parameters)"""
+    trainable weights in --master_dtype and gradient checkpointing (auto's is decided later: auto_checkpointing).
+    -> (model, trainable parameters, all parameters)"""
     # GPU: frozen weights in bf16, trainable ones in master_dtype (the copy that FSDP2 casts to bf16 for compute, see
     # shard_model); CPU: fp32 throughout, unless the master weights are bf16
     dtype = torch.bfloat16 if device.type == "cuda" or cfg.master_dtype == "bfloat16" else torch.float32
@@ -360,8 +367,8 @@ def load_model(cfg, device, weights=None):
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
                                           master_dtype=getattr(torch, cfg.master_dtype))
-    if cfg.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice
+    if cfg.gradient_checkpointing == "true" or cfg.gradient_checkpointing == "auto" and cfg.gradient_checkpointing_layers >= 0:
+        # non-reentrant: works with frozen inputs (LoRA) and never marks a gradient ready twice. Vision blocks: all
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for i, layer in enumerate(model.model.language_model.layers):
             layer.gradient_checkpointing = cfg.gradient_checkpointing_layers < 0 or i < cfg.gradient_checkpointing_layers
@@ -406,6 +413,44 @@ def shard_model(model, cfg, device):
         unit.unshard()
         unit.reshard()
     return model
+
+
+def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0):
+    """--gradient_checkpointing auto on a GPU: the fewest decoder layers and vision blocks (the first of each) that
+    recompute their activations in backward for training to fit in 90% of the memory other processes leave
+    (data.recompute_plan): what this process holds now (the model as sharded, a reference), what training adds
+    (gradients, AdamW's moments, FSDP's gathered copies, the head's logits, the activations of `tokens` tokens a
+    micro-batch) and `elsewhere` bytes taken later (a colocated vLLM). Call it before the optimizer exists. CPU: none."""
+    if cfg.gradient_checkpointing != "auto" or cfg.gradient_checkpointing_layers >= 0 or device.type != "cuda":
+        return
+    layers, blocks = model.model.language_model.layers, model.model.visual.blocks
+    numel = lambda module: sum(p.numel() for p in module.parameters())  # (whole tensors, sharded or not)
+    largest, root = max(map(numel, layers)), numel(model) - sum(map(numel, [*layers, *blocks]))  # root: embeddings, head
+    # FSDP's bf16 copies gathered at once (every unit's when kept from forward to backward, else the root's and two
+    # layers', one prefetched) and one unit's unsharded gradients (bf16, and fp32 to reduce)
+    gathered = numel(model) if not cfg.fsdp_reshard_after_forward else root + 2 * largest
+    unsharded = 2 * gathered + 6 * min(trainable, max(root, largest))
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    fixed = data.fixed_bytes(torch.cuda.memory_allocated(device) + elsewhere, trainable,
+                             4 if cfg.master_dtype == "float32" else 2, world_size, unsharded, tokens,
+                             model.config.text_config.vocab_size, cfg.fsdp_offload)
+    free, capacity = torch.cuda.mem_get_info(device)
+    budget = 0.9 * (free + torch.cuda.memory_reserved(device))  # 10%: the allocator's fragmentation, what is not counted
+    activations = data.activation_bytes(model.config, tokens, compiled=cfg.compile != "false")  # (GPU: auto compiles)
+    n_layers, n_blocks, need = data.recompute_plan(budget, fixed, len(layers), len(blocks), activations)
+    if dist.is_initialized():  # every process recomputes the same units: the one that needs most decides
+        plan = torch.tensor([n_layers, n_blocks], device=device)
+        dist.all_reduce(plan, op=dist.ReduceOp.MAX)
+        n_layers, n_blocks = plan.tolist()
+    if n_layers or n_blocks:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # (see load_model)
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < n_layers
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < n_blocks
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"gradient checkpointing auto: recomputing {n_layers} of {len(layers)} decoder layers, {n_blocks} of "
+              f"{len(blocks)} vision blocks (est. {need / 2**30:.0f} GiB of {capacity / 2**30:.0f})", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -770,9 +815,17 @@ def load_checkpoint(path, model, optimizer, scheduler, cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
 
+def progress_note(step, total_steps, seconds_per_step):
+    """The progress a log line ends with where no tqdm bar shows it: 'step 40/250 (16%) 1.20 s/step, ETA 4m12s'."""
+    left = round((total_steps - step) * seconds_per_step)
+    eta = f"{left // 3600}h{left // 60 % 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+    return f"step {step}/{total_steps} ({step / total_steps:.0%}) {seconds_per_step:.2f} s/step, ETA {eta}"
+
+
 def open_log(cfg, master):
-    """-> log(metrics): a line of metrics.jsonl, printed, and sent to --report_to's tracker (on the master process
-    only); log.close() closes the tracker (which may hold the last metrics until then) and the file."""
+    """-> log(metrics, note=""): a line of metrics.jsonl, printed (with the note after it), and sent to --report_to's
+    tracker (on the master process only); log.close() closes the tracker (which may hold the last metrics until then)
+    and the file."""
     file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
     tracker = None
     if master and cfg.report_to == "wandb":
@@ -784,12 +837,13 @@ def open_log(cfg, master):
 
         tracker = SummaryWriter(cfg.output_dir)
 
-    def log(metrics):
+    def log(metrics, note=""):
         if not master:
             return
         file.write(json.dumps(metrics) + "\n")
         file.flush()
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), flush=True)
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(line + (f" | {note}" if note else ""), flush=True)
         if cfg.report_to == "wandb":
             tracker.log(metrics, step=metrics["step"])
         elif cfg.report_to == "tensorboard":
@@ -843,9 +897,9 @@ def main(argv=None):
 
     if distributed:
         model = shard_model(model, cfg, device)
-    if cfg.compile:  # after sharding: FSDP2's hooks stay outside the compiled layer (a reference copy only scores: eager)
-        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:
-            layer.compile(dynamic=True)  # rows and images of any size without a recompile
+    if cfg.compile == "true" or cfg.compile == "auto" and device.type == "cuda":  # after sharding: FSDP2's hooks stay
+        for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # outside the compiled layer
+            layer.compile(dynamic=True)  # rows and images of any size without a recompile (a reference copy: eager)
     # the reference: stored log-probabilities, the policy with adapters off (LoRA), or a frozen copy (full)
     ref_model = ref_table = val_ref_table = None
     if cfg.precompute_ref_logps:
@@ -861,6 +915,12 @@ def main(argv=None):
         del scorer
     elif cfg.train_type == "full":
         ref_model = load_reference(cfg, device, distributed)
+    # --gradient_checkpointing auto: a micro-batch is one row of its pairs' chosen and rejected sequences
+    auto_checkpointing(model, cfg, device, trainable, 2 * cfg.per_device_train_batch_size * cfg.max_length)
+    # for MFU: the policy's forward and backward, and the reference's forward (a third of that) unless precomputed
+    counts = data.parameter_counts(model.config) if device.type == "cuda" else None
+    ref_share = 1 if ref_table is not None else 4 / 3
+    flops_of = lambda b: data.training_flops(model.config, *data.flop_inputs(b), counts=counts) * ref_share
 
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
@@ -893,7 +953,9 @@ def main(argv=None):
     if val and state["step"] == 0:
         evaluate()  # the starting point: what DPO improves on
     model.train()
-    window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "pairs": 0, "time": time.time()}
+    new_window = lambda: {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "pairs": 0,
+                          "flops": 0, "steps": 0, "time": time.time()}
+    window = new_window()
     progress = None
     if master and sys.stderr.isatty():
         from tqdm import tqdm
@@ -920,22 +982,25 @@ def main(argv=None):
                 window["sums"] += step_sums
             window["tokens"] += sum(b["input_ids"].numel() for b in micro_batches)
             window["pairs"] += sum(len(b["index"]) for b in micro_batches)
+            window["steps"] += 1
+            if counts:  # (from the host's tensors: no wait for the GPU)
+                window["flops"] += sum(map(flops_of, micro_batches))
             if progress:
                 progress.update(1)
             if due(cfg.logging_steps, state["step"], total_steps) or bad_in_a_row >= cfg.max_bad_steps:
                 sums = all_reduce(window["sums"].clone(), distributed)
-                counts = torch.tensor([float(window["tokens"]), float(window["pairs"])], device=device)
-                tokens, pairs = all_reduce(counts, distributed).tolist()
+                counted = torch.tensor([window["tokens"], window["pairs"], window["flops"]], dtype=torch.float64, device=device)
+                tokens, pairs, flops = all_reduce(counted, distributed).tolist()
                 elapsed = time.time() - window["time"]
                 metrics = {"step": state["step"], **summarise(sums, cfg), "grad_norm": grad_norm,
                            "lr": scheduler.get_last_lr()[0], "epoch": state["epoch"] + state["batch"] / len(plan),
                            "tokens_per_s": tokens / elapsed / world_size, "pairs_per_s": pairs / elapsed / world_size,
                            "skipped_steps": state["skipped_steps"]}
                 if device.type == "cuda":
+                    metrics["mfu"] = flops / elapsed / world_size / data.PEAK_FLOPS
                     metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log(metrics)
-                window = {"sums": torch.zeros(len(STATS), dtype=torch.float64, device=device), "tokens": 0, "pairs": 0,
-                          "time": time.time()}
+                log(metrics, "" if progress else progress_note(state["step"], total_steps, elapsed / window["steps"]))
+                window = new_window()
             if bad_in_a_row >= cfg.max_bad_steps:
                 if cfg.save_on_sigterm:
                     signal.signal(signal.SIGTERM, default_sigterm)

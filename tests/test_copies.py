@@ -11,7 +11,8 @@ import train_sft
 # in train_sft.py, train_dpo.py and train_grpo.py
 COPIES = ["read_config", "setup_distributed", "all_reduce", "check_output_dir", "checkpoint_size", "pretrained",
           "load_model", "shard_model", "model_inputs", "chunk_logps", "token_logps", "clip_grad_norm", "optimizer_step",
-          "lr_lambda", "due", "checkpoint_dirs", "save_checkpoint", "load_checkpoint", "open_log"]
+          "lr_lambda", "due", "checkpoint_dirs", "save_checkpoint", "load_checkpoint", "open_log", "auto_checkpointing",
+          "progress_note"]
 CONSTANTS = ["NOT_COPIED"]  # the base model's files a checkpoint leaves out
 # in train_sft.py and train_dpo.py only: evaluation by greedy replies, and the DataLoader workers
 SFT_DPO_COPIES = ["init_worker", "generate", "evaluate_accuracy"]

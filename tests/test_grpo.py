@@ -1,5 +1,6 @@
 """GRPO: advantages and the loss against the written formulas, the REINFORCE gradient, and short runs of main()."""
 
+import dataclasses
 import json
 import math
 import os
@@ -461,6 +462,40 @@ def test_overlong_filter_masks_truncated_completions(monkeypatch):
                  "keep": train_grpo.loss_mask(groups, cfg, encoder)}
         assert batch["keep"].tolist() == keep
         assert train_grpo.micro_batches(batch, encoder, cfg, CPU)[0]["keep"].tolist() == keep  # what masks the loss
+
+
+def test_vllm_comparison_from_the_update_equals_a_pass_of_its_own():
+    """With one update a rollout and no entropy pass, the trainer's side of the comparison with vLLM (the truncated
+    importance weights, vllm_logprob_diff) comes from the update's own forward instead of a no-grad pass of its own:
+    the same numbers, the same loss, one forward fewer."""
+    encoder = data.Encoder(data.resolve_model("tiny-qwen2.5-vl"))
+    red, end = encoder.tokenizer.encode("red", add_special_tokens=False)[0], encoder.im_end
+    completions = [[red, red, end], [red, end], [end], [red, red, red]]
+    texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    prompts = [encoder(s, **train_grpo.PROMPT) for s in samples]
+    g = torch.Generator().manual_seed(0)
+    sampled = [(-4 - torch.rand(len(c), generator=g) * 6).tolist() for c in completions]  # "vLLM's", around the trainer's
+    cfg = train_grpo.parse_config(["--num_generations", "2", "--per_device_train_batch_size", "4", "--use_vllm", "true",
+                                   "--vllm_importance_sampling_correction", "true", "--vllm_importance_sampling_cap", "2"])
+    model = train_grpo.load_model(cfg, CPU)[0]
+    results = []
+    for num_iterations in (1, 2):  # 2: fixed_logps computes the sampling policy's logps, and the comparison with them
+        groups = train_grpo.make_groups(samples, prompts, completions, texts, torch.tensor([0.0, 1.0, 0.0, 1.0]), {}, 2,
+                                        sampled_logps=sampled)
+        batch = {"groups": groups, "completion_ids": completions, "advantages": torch.tensor([-1.0, 1.0, -1.0, 1.0]),
+                 "keep": torch.ones(4, dtype=torch.bool)}
+        run_cfg = dataclasses.replace(cfg, num_iterations=num_iterations)
+        (mb,) = train_grpo.micro_batches(batch, encoder, run_cfg, CPU)
+        train_grpo.fixed_logps(model, None, [mb], run_cfg, CPU)
+        assert ("vllm_diff" in mb) == (num_iterations == 2)
+        loss = train_grpo.micro_batch_loss(model, mb, 9, 1, run_cfg, CPU, 1)[0]
+        results.append((loss.item(), mb["is_weights"], mb["vllm_diff"]))
+    (loss_1, weights_1, diff_1), (loss_2, weights_2, diff_2) = results
+    assert loss_1 == pytest.approx(loss_2, abs=1e-6) and diff_1[1] == diff_2[1] == 9
+    torch.testing.assert_close(weights_1, weights_2)
+    torch.testing.assert_close(diff_1, diff_2)
+    assert (weights_1 == 2).any() and ((weights_1 > 0) & (weights_1 < 2)).any()  # the cap binds on some tokens only
 
 
 # ----------------------------------------------------------------------------- 2 processes against 1
