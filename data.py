@@ -10,6 +10,7 @@ Command line:
     python data.py demo --out demo_data            # write the demo task (SFT, CPT, DPO, RL files) and exit
 """
 import argparse
+import copy
 import inspect
 import io
 import json
@@ -898,8 +899,9 @@ def parameter_counts(config):
     the output head (tied or not) is one of the same size: it takes their place in the count."""
     from transformers import AutoModelForImageTextToText
 
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+    with torch.device("meta"):  # (sdpa: a training model's config names the scripts' own attention, unknown here)
+        # (a copy: from_config sets the attention on the config it is given, which is the training model's)
+        model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), attn_implementation="sdpa")
     head = model.model.language_model.embed_tokens.weight.numel()
     body = sum(p.numel() for p in model.model.language_model.parameters()) - head
     return body, head, sum(p.numel() for p in model.model.visual.parameters())

@@ -149,3 +149,18 @@ def test_progress_note():
     assert train_sft.progress_note(40, 250, 1.2) == "step 40/250 (16%) 1.20 s/step, ETA 4m12s"
     assert train_sft.progress_note(10, 5010, 3.0) == "step 10/5010 (0%) 3.00 s/step, ETA 4h10m"
     assert train_sft.progress_note(250, 250, 1.2) == "step 250/250 (100%) 1.20 s/step, ETA 0m00s"
+
+
+def test_parameter_counts_leave_the_training_models_attention_alone():
+    """The scripts count FLOPs from the training model's own config, whose attention is theirs (varlen_flash on a
+    GPU, unknown to a fresh model): the count builds a copy with sdpa, and the config keeps its attention."""
+    import copy
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(data.resolve_model("tiny-qwen2.5-vl"))
+    expected = data.parameter_counts(copy.deepcopy(config))
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation_internal = "varlen_flash"
+    assert data.parameter_counts(config) == expected
+    assert config._attn_implementation == config.text_config._attn_implementation == "varlen_flash"
