@@ -2265,7 +2265,9 @@ def train(run, update):
     run.log.close()
     if completions_file:
         completions_file.close()
-    if distributed:
+    if run.vllm and run.vllm.llm:  # the engine's teardown first: vLLM 0.32's ends the process group too (else its
+        run.vllm.llm.llm_engine.engine_core.shutdown()  # exit handler finds the group gone and prints a traceback)
+    if distributed and dist.is_initialized():
         dist.destroy_process_group()
     return state
 
