@@ -826,8 +826,8 @@ class EncodedDataset(torch.utils.data.Dataset):
 def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, encode_kwargs=None, rank=0, world_size=1):
     """Encode every sample once to learn its token count (and find bad records before training starts), each of
     world_size processes taking every world_size-th sample and all of them gathering the results.
-    -> (kept sample indices, their lengths, this process's errors). Over-long samples under --truncation_strategy
-    delete are dropped."""
+    -> (kept sample indices, their lengths, this process's errors, their vision patches). Over-long samples under
+    --truncation_strategy delete are dropped."""
     shard = list(range(rank, len(samples), world_size))
 
     class Lengths(torch.utils.data.Dataset):
@@ -838,13 +838,16 @@ def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, enc
             i = shard[k]
             try:
                 example = encoder.encode(samples[i], **(encode_kwargs or {}))
-                return i, (None if example is None else len(example["input_ids"])), None
+                if example is None:
+                    return i, None, None, None
+                patches = sum(len(example[k]) for k in ("pixel_values", "pixel_values_videos") if k in example)
+                return i, len(example["input_ids"]), patches, None
             except BadRecord as e:
-                return i, None, str(e) if str(e).startswith(samples[i].source) else f"{samples[i].source}: {e}"
+                return i, None, None, str(e) if str(e).startswith(samples[i].source) else f"{samples[i].source}: {e}"
 
     loader = torch.utils.data.DataLoader(Lengths(), batch_size=None, num_workers=num_workers)
-    kept, lengths, errors, deleted = [], [], [], 0
-    for i, n, error in loader:
+    kept, lengths, patches, errors, deleted = [], [], [], [], 0
+    for i, n, p, error in loader:
         if error:
             if not skip_bad_records:
                 raise BadRecord(error + " (or pass --skip_bad_records)")
@@ -854,16 +857,17 @@ def measure_lengths(samples, encoder, skip_bad_records=False, num_workers=0, enc
         else:
             kept.append(i)
             lengths.append(n)
+            patches.append(p)
     if deleted:
         print(f"dropped {deleted} example(s) longer than --max_length (--truncation_strategy delete)", file=sys.stderr)
     if errors:
         print(f"skipped {len(errors)} bad record(s) (--skip_bad_records); first: {errors[0]}", file=sys.stderr)
     if world_size > 1:
         parts = [None] * world_size
-        torch.distributed.all_gather_object(parts, (kept, lengths))
-        pairs = sorted(pair for part_kept, part_lengths in parts for pair in zip(part_kept, part_lengths))
-        kept, lengths = [i for i, _ in pairs], [n for _, n in pairs]
-    return kept, lengths, errors
+        torch.distributed.all_gather_object(parts, (kept, lengths, patches))
+        rows = sorted(row for part in parts for row in zip(*part))
+        kept, lengths, patches = [i for i, _, _ in rows], [n for _, n, _ in rows], [p for _, _, p in rows]
+    return kept, lengths, errors, patches
 
 
 def make_plan(kept, lengths, batch_size, packing, max_length, seed, epoch, rank=0, world_size=1):
@@ -938,11 +942,11 @@ def flop_inputs(batch):
     return lengths, patches, int((batch["labels"] != IGNORE).sum())
 
 
-def activation_bytes(config, tokens, compiled):
+def activation_bytes(config, tokens, compiled, patches=None):
     """Bytes a micro-batch of `tokens` tokens keeps for backward, in bf16 -> (per decoder layer, per recomputed decoder
-    layer (its input only), per vision block, per recomputed vision block), the vision blocks over the most patches
-    those tokens can hold (spatial_merge_size^2 a token: a row of images only; text rows never run the blocks, so
-    counting them costs nothing there). Counted: each matmul's input and output, flash attention's output, the norms'
+    layer (its input only), per vision block, per recomputed vision block), the vision blocks over `patches` patches
+    (the most the micro-batch can hold; default: the most any `tokens` tokens can hold, spatial_merge_size^2 a token,
+    a row of images only; text rows never run the blocks, so counting them costs nothing there). Counted: each matmul's input and output, flash attention's output, the norms'
     inputs: what a compiled layer saves; an eager one also keeps fp32 norm and rotary intermediates, ~25% more."""
     text, vision = config.text_config, config.vision_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -954,7 +958,7 @@ def activation_bytes(config, tokens, compiled):
     gated = config.model_type == "qwen2_5_vl"  # gate/up/down; Qwen2-VL and Qwen3-VL: fc1, activation, fc2
     block = 2 * 10 * width + (6 if gated else 4) * mlp  # x, norm, q k v, rotated q k, attention out, x + out, norm
     scale = 1.0 if compiled else 1.25
-    patches = tokens * vision.spatial_merge_size**2
+    patches = tokens * vision.spatial_merge_size**2 if patches is None else patches
     return (int(scale * layer * tokens), 2 * text.hidden_size * tokens, int(scale * block * patches), 2 * width * patches)
 
 

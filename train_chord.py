@@ -67,7 +67,7 @@ def load_expert_data(cfg, encoder, train, kept, rank, world_size):
         expert = [data.Sample(train[i].messages + [{"role": "assistant", "content": str(train[i].extra["solution"])}],
                               train[i].images, train[i].videos, source=train[i].source) for i in kept]
     # encoded once up front, each process taking a share, as the prompts are: bad records are found now
-    usable, lengths, _ = data.measure_lengths(expert, encoder, cfg.skip_bad_records, cfg.num_workers, EXPERT, rank, world_size)
+    usable, lengths, _, _ = data.measure_lengths(expert, encoder, cfg.skip_bad_records, cfg.num_workers, EXPERT, rank, world_size)
     return expert, usable, lengths
 
 

@@ -415,12 +415,13 @@ def shard_model(model, cfg, device):
     return model
 
 
-def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0):
+def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0, patches=None):
     """--gradient_checkpointing auto on a GPU: the fewest decoder layers and vision blocks (the first of each) that
     recompute their activations in backward for training to fit in 90% of the memory other processes leave
     (data.recompute_plan): what this process holds now (the model as sharded, a reference), what training adds
     (gradients, AdamW's moments, FSDP's gathered copies, the head's logits, the activations of `tokens` tokens a
-    micro-batch) and `elsewhere` bytes taken later (a colocated vLLM). Call it before the optimizer exists. CPU: none."""
+    micro-batch, their vision blocks' over `patches` patches if known) and `elsewhere` bytes taken later (a colocated
+    vLLM). Call it before the optimizer exists. CPU: none."""
     if cfg.gradient_checkpointing != "auto" or cfg.gradient_checkpointing_layers >= 0 or device.type != "cuda":
         return
     layers, blocks = model.model.language_model.layers, model.model.visual.blocks
@@ -436,7 +437,7 @@ def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0):
                              model.config.text_config.vocab_size, cfg.fsdp_offload)
     free, capacity = torch.cuda.mem_get_info(device)
     budget = 0.9 * (free + torch.cuda.memory_reserved(device))  # 10%: the allocator's fragmentation, what is not counted
-    activations = data.activation_bytes(model.config, tokens, compiled=cfg.compile != "false")  # (GPU: auto compiles)
+    activations = data.activation_bytes(model.config, tokens, cfg.compile != "false", patches)  # (GPU: auto compiles)
     n_layers, n_blocks, need = data.recompute_plan(budget, fixed, len(layers), len(blocks), activations)
     if dist.is_initialized():  # every process recomputes the same units: the one that needs most decides
         plan = torch.tensor([n_layers, n_blocks], device=device)

@@ -221,9 +221,9 @@ def load_data(cfg, encoder, rank, world_size):
     train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "sft", cfg.seed,
                                      cfg.media_root, cfg.skip_bad_records)
     encode_kwargs = {"train_on": cfg.train_on}
-    kept, lengths, _ = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers, encode_kwargs,
-                                            rank, world_size)
-    return train, val, kept, lengths, encode_kwargs
+    kept, lengths, _, patches = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers,
+                                                     encode_kwargs, rank, world_size)
+    return train, val, kept, lengths, patches, encode_kwargs
 
 
 def make_loader(cfg, train, encoder, plan, encode_kwargs):
@@ -306,12 +306,13 @@ def shard_model(model, cfg, device):
     return model
 
 
-def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0):
+def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0, patches=None):
     """--gradient_checkpointing auto on a GPU: the fewest decoder layers and vision blocks (the first of each) that
     recompute their activations in backward for training to fit in 90% of the memory other processes leave
     (data.recompute_plan): what this process holds now (the model as sharded, a reference), what training adds
     (gradients, AdamW's moments, FSDP's gathered copies, the head's logits, the activations of `tokens` tokens a
-    micro-batch) and `elsewhere` bytes taken later (a colocated vLLM). Call it before the optimizer exists. CPU: none."""
+    micro-batch, their vision blocks' over `patches` patches if known) and `elsewhere` bytes taken later (a colocated
+    vLLM). Call it before the optimizer exists. CPU: none."""
     if cfg.gradient_checkpointing != "auto" or cfg.gradient_checkpointing_layers >= 0 or device.type != "cuda":
         return
     layers, blocks = model.model.language_model.layers, model.model.visual.blocks
@@ -327,7 +328,7 @@ def auto_checkpointing(model, cfg, device, trainable, tokens, elsewhere=0):
                              model.config.text_config.vocab_size, cfg.fsdp_offload)
     free, capacity = torch.cuda.mem_get_info(device)
     budget = 0.9 * (free + torch.cuda.memory_reserved(device))  # 10%: the allocator's fragmentation, what is not counted
-    activations = data.activation_bytes(model.config, tokens, compiled=cfg.compile != "false")  # (GPU: auto compiles)
+    activations = data.activation_bytes(model.config, tokens, cfg.compile != "false", patches)  # (GPU: auto compiles)
     n_layers, n_blocks, need = data.recompute_plan(budget, fixed, len(layers), len(blocks), activations)
     if dist.is_initialized():  # every process recomputes the same units: the one that needs most decides
         plan = torch.tensor([n_layers, n_blocks], device=device)
@@ -674,7 +675,7 @@ def main(argv=None):
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
-    train, val, kept, lengths, encode_kwargs = load_data(cfg, encoder, rank, world_size)
+    train, val, kept, lengths, patches, encode_kwargs = load_data(cfg, encoder, rank, world_size)
     plan_of = lambda epoch: data.make_plan(kept, lengths, cfg.per_device_train_batch_size, cfg.packing, cfg.max_length,
                                            cfg.seed, epoch, rank, world_size)
     steps_per_epoch = len(plan_of(0)) // cfg.gradient_accumulation_steps
@@ -691,9 +692,11 @@ def main(argv=None):
     if cfg.compile == "true" or cfg.compile == "auto" and device.type == "cuda":  # after sharding: FSDP2's hooks stay
         for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # outside the compiled layer
             layer.compile(dynamic=True)  # rows and images of any size without a recompile
-    # --gradient_checkpointing auto: a packed row holds max_length tokens, a padded one at most the longest example's
-    auto_checkpointing(model, cfg, device, trainable,
-                       cfg.per_device_train_batch_size * (cfg.max_length if cfg.packing else min(cfg.max_length, max(lengths))))
+    # --gradient_checkpointing auto: a packed row holds max_length tokens, a padded one at most the longest example's;
+    # no more vision patches a token than the example with the most
+    tokens = cfg.per_device_train_batch_size * (cfg.max_length if cfg.packing else min(cfg.max_length, max(lengths)))
+    auto_checkpointing(model, cfg, device, trainable, tokens,
+                       patches=math.ceil(tokens * max((p / n for p, n in zip(patches, lengths)), default=0)))
     counts = data.parameter_counts(model.config) if device.type == "cuda" else None  # for MFU
     groups = lora.param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.lorap_lr_ratio, cfg.vit_lr, cfg.aligner_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,

@@ -710,7 +710,7 @@ def test_bad_media_found_while_measuring(encoder, media, tmp_path):
         {"query": "<image>hi", "response": "x", "images": [media["empty.png"]]}])
     samples, errors = data.load_file(path, "sft")
     assert errors == [] and len(samples) == 3
-    kept, lengths, errors = data.measure_lengths(samples, encoder, skip_bad_records=True)
+    kept, lengths, errors, _ = data.measure_lengths(samples, encoder, skip_bad_records=True)
     assert kept == [0] and [e.split(": ")[0] for e in errors] == [f"{path}:2", f"{path}:3"]
     with pytest.raises(data.BadRecord, match=f"^{re.escape(path)}:2: .*corrupt.jpg"):
         data.measure_lengths(samples, encoder)
@@ -826,8 +826,9 @@ def test_make_plan(packing):
 
 def test_encoded_dataset_with_workers(encoder, media):
     samples = [s for s in mixed_samples(media)] * 2
-    kept, lengths, errors = data.measure_lengths(samples, encoder, num_workers=2)
+    kept, lengths, errors, patches = data.measure_lengths(samples, encoder, num_workers=2)
     assert errors == [] and kept == list(range(len(samples)))
+    assert patches == [data.flop_inputs([encoder.encode(s)])[1] for s in samples] and max(patches) > 0  # (auto's bound)
     plan = data.make_plan(kept, lengths, 1, True, 256, seed=0, epoch=0)
     dataset = data.EncodedDataset(samples, encoder, plan, packing=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)

@@ -607,7 +607,7 @@ def test_training_keeps_every_good_record(fuzz_files, tiny_model_paths, capsys, 
                                       s.videos, source=s.source) for s in samples])
         kept, errors = set(range(len(samples))), []
         for side in sides:
-            kept_side, lengths, errors_side = data.measure_lengths(side, encoder, True, 0, prompt if stage == "rl" else None)
+            kept_side, lengths, errors_side, _ = data.measure_lengths(side, encoder, True, 0, prompt if stage == "rl" else None)
             kept, errors = kept & set(kept_side), errors + errors_side
             assert all(n > 0 for n in lengths)
             assert all(re.match(r".+:\d+: \S", e) for e in errors_side)  # every skipped record named by file:line

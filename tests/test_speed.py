@@ -71,6 +71,8 @@ def test_activation_bytes_by_hand():
     assert block == (2 * 10 * 1280 + 6 * 3420) * 4 * 8192
     assert (layer_input, block_input) == (2 * 2048 * 8192, 2 * 1280 * 4 * 8192)
     assert data.activation_bytes(config_3b(), 8192, compiled=False)[0] == int(1.25 * layer)
+    # the patches a micro-batch can hold, when known (train_sft.py: its tokens x the most patches a token of any example)
+    assert data.activation_bytes(config_3b(), 8192, True, patches=16384)[2:] == (block // 2, block_input // 2)
 
 
 def plan_3b(held, trainable, master_bytes, tokens, budget=0.9 * 139 * GiB):
