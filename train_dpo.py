@@ -263,14 +263,16 @@ def checkpoint_size(cfg):
 # Data: a pair is one Sample whose messages end with the chosen reply and whose `rejected` is the other reply
 
 def load_data(cfg, encoder, rank, world_size):
-    """-> (training pairs, validation pairs, kept training indices). Every pair is encoded once up front (both
+    """-> (training pairs, validation pairs, kept training indices, the most vision patches of a kept pair's side).
+    Every pair is encoded once up front (both
     replies), the processes sharing the work: bad records are found now."""
     train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "dpo", cfg.seed,
                                      cfg.media_root, cfg.skip_bad_records)
     measure = lambda samples: data.measure_lengths(samples, encoder, cfg.skip_bad_records, cfg.num_workers,
-                                                   rank=rank, world_size=world_size)[0]
-    kept = set(measure(train)) & set(measure([rejected_sample(s) for s in train]))
-    return train, val, sorted(kept)
+                                                   rank=rank, world_size=world_size)
+    chosen, rejected = measure(train), measure([rejected_sample(s) for s in train])
+    kept = set(chosen[0]) & set(rejected[0])
+    return train, val, sorted(kept), max(chosen[3], default=0)  # (both sides of a pair have its images)
 
 
 def rejected_sample(sample):
@@ -887,7 +889,7 @@ def main(argv=None):
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
-    train, val, kept = load_data(cfg, encoder, rank, world_size)
+    train, val, kept, max_patches = load_data(cfg, encoder, rank, world_size)
     # one epoch's micro-batches of pair indices for this process, shuffled with (seed, epoch): a resumed run sees the same
     plan_of = lambda epoch: data.make_plan(kept, [0] * len(kept), cfg.per_device_train_batch_size, False, 0, cfg.seed,
                                            epoch, rank, world_size)
@@ -917,7 +919,8 @@ def main(argv=None):
     elif cfg.train_type == "full":
         ref_model = load_reference(cfg, device, distributed)
     # --gradient_checkpointing auto: a micro-batch is one row of its pairs' chosen and rejected sequences
-    auto_checkpointing(model, cfg, device, trainable, 2 * cfg.per_device_train_batch_size * cfg.max_length)
+    auto_checkpointing(model, cfg, device, trainable, 2 * cfg.per_device_train_batch_size * cfg.max_length,
+                       patches=2 * cfg.per_device_train_batch_size * max_patches)
     # for MFU: the policy's forward and backward, and the reference's forward (a third of that) unless precomputed
     counts = data.parameter_counts(model.config) if device.type == "cuda" else None
     ref_share = 1 if ref_table is not None else 4 / 3

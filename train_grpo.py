@@ -293,12 +293,13 @@ PROMPT = {"train_on": "none", "add_generation_prompt": True}  # a prompt: no lab
 
 
 def load_data(cfg, encoder, rank, world_size):
-    """-> (training records, held-out records, indices of the usable training records). Every prompt is encoded once
+    """-> (training records, held-out records, indices of the usable training records, the most vision patches of a
+    usable prompt). Every prompt is encoded once
     up front, each process taking a share: bad records are found now, not at step 900."""
     train, val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "rl", cfg.seed,
                                      cfg.media_root, cfg.skip_bad_records)
-    kept, _, _, _ = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT, rank, world_size)
-    return train, val, kept
+    kept, _, _, patches = data.measure_lengths(train, encoder, cfg.skip_bad_records, cfg.num_workers, PROMPT, rank, world_size)
+    return train, val, kept, max(patches, default=0)
 
 
 def next_prompts(kept, prompts_per_rank, cfg, state, rank, world_size):
@@ -2062,15 +2063,17 @@ def setup(cfg, state=None):
     if cfg.compile == "true" or cfg.compile == "auto" and device.type == "cuda":  # after sharding: FSDP2's hooks stay
         for layer in [*model.model.language_model.layers, *model.model.visual.blocks]:  # outside the compiled layer
             layer.compile(dynamic=True)  # rows and images of any size without a recompile (the reference: eager)
-    # --gradient_checkpointing auto: a micro-batch holds per_device_train_batch_size prompts and their completions; a
-    # colocated vLLM engine that does not sleep keeps its share of the GPU while the policy trains
-    awake = cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.sleep_level == 0 and device.type == "cuda"
-    auto_checkpointing(model, cfg, device, trainable, cfg.per_device_train_batch_size * (cfg.max_length + cfg.max_completion_length),
-                       cfg.vllm_gpu_memory_utilization * torch.cuda.mem_get_info(device)[1] if awake else 0)
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,
                            cfg.trust_remote_code)
-    train, val, kept = load_data(cfg, encoder, rank, world_size)
+    train, val, kept, max_patches = load_data(cfg, encoder, rank, world_size)
+    # --gradient_checkpointing auto: a micro-batch holds per_device_train_batch_size prompts and their completions; a
+    # colocated vLLM engine that does not sleep keeps its share of the GPU while the policy trains; the vision patches
+    # are the prompts' (multi-turn: a tool's images come on top, so the bound of any tokens is taken)
+    awake = cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.sleep_level == 0 and device.type == "cuda"
+    auto_checkpointing(model, cfg, device, trainable, cfg.per_device_train_batch_size * (cfg.max_length + cfg.max_completion_length),
+                       cfg.vllm_gpu_memory_utilization * torch.cuda.mem_get_info(device)[1] if awake else 0,
+                       patches=None if cfg.multi_turn_plugin else cfg.per_device_train_batch_size * max_patches)
     prompts_per_rank = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     rollouts_per_epoch = max(len(kept) // (prompts_per_rank * world_size), 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * rollouts_per_epoch * cfg.num_iterations)

@@ -292,7 +292,7 @@ def rl_file(tmp_path, n=6, drop_solution_at=None):
 def load_expert(args):
     cfg = train_chord.parse_config(args + ["--num_workers", "0"])
     encoder = data.Encoder(data.resolve_model(cfg.model))
-    train, _, kept = train_grpo.load_data(cfg, encoder, 0, 1)
+    train, _, kept, _ = train_grpo.load_data(cfg, encoder, 0, 1)
     return train, kept, train_chord.load_expert_data(cfg, encoder, train, kept, 0, 1)
 
 
