@@ -674,6 +674,53 @@ def test_main_with_vllm_keeps_vllm_on_the_policy(tmp_path, train_type):
     assert (tmp_path / "checkpoint-3").is_dir()
 
 
+def test_eval_generator_syncs_the_policy_then_generates_with_the_engine(engines, prompts):
+    """eval_generator: the policy's weights of now into the engine (it had an older step's), then greedy completions
+    from the engine, the policy's own; with --async_generate (the server is busy with the next rollout) None: the
+    built-in rollout."""
+    llm = engines("tiny-qwen2.5-vl")
+    cfg = config("tiny-qwen2.5-vl")
+    model = train_grpo.load_model(cfg, CPU)[0]
+    perturb(model, 3)
+    encoder = data.Encoder(data.resolve_model("tiny-qwen2.5-vl"))
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
+    vllm = types.SimpleNamespace(llm=llm, synced_step=4, sleeping=set(), lora_request=None, lora_name=None, model_name=None)
+    run = types.SimpleNamespace(cfg=cfg, model=model, optimizer=None, encoder=encoder, state={"step": 5}, device=CPU, vllm=vllm)
+    generate = train_grpo.eval_generator(run)
+    assert vllm.synced_step == 5
+    assert generate(prompts, encoded)[0] == train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+    run.cfg = dataclasses.replace(cfg, async_generate=True)
+    assert train_grpo.eval_generator(run) is None
+    sync_base(llm, "tiny-qwen2.5-vl")
+
+
+def test_held_out_evaluation_with_vllm_equals_the_built_in_one(tmp_path):
+    """With --use_vllm the held-out evaluation generates with the engine too, after the policy's weights reach it:
+    the eval rewards a run logs at steps 0, 2 and 4 are those of the built-in evaluation of the same weights (the
+    checkpoints), greedy replies token for token on CPU; the training around it goes on (the engine awake for it,
+    then asleep again)."""
+    plugin = tmp_path / "distinct.py"
+    plugin.write_text("def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n")
+    args = ["--dataset", "demo#8", "--val_dataset", "demo#6", "--num_workers", "0", "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--max_completion_length", "6", "--max_steps", "4", "--eval_steps", "2",
+            "--save_steps", "2", "--save_total_limit", "3", "--learning_rate", "1e-2", "--reward_plugin", str(plugin),
+            "--reward_funcs", "distinct"]
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "train_grpo.py", *args, "--use_vllm", "true", "--output_dir", str(run)], cwd=ROOT,
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    logged = {r["step"]: r["eval_reward"] for r in map(json.loads, open(run / "metrics.jsonl")) if "eval_reward" in r}
+    assert sorted(logged) == [0, 2, 4]
+    train_grpo.rewards.load_reward_plugin(str(plugin))
+    encoder = data.Encoder(data.resolve_model("tiny-qwen2.5-vl"))
+    for step, model_path in ((0, data.resolve_model("tiny-qwen2.5-vl")), (2, run / "checkpoint-2"), (4, run / "checkpoint-4")):
+        cfg = train_grpo.parse_config([*args, "--model", str(model_path)])
+        model = train_grpo.load_model(cfg, CPU)[0]
+        val = data.load_train_val(cfg.dataset, cfg.val_dataset, cfg.split_dataset_ratio, "rl", cfg.seed)[1]
+        built_in = train_grpo.evaluate(model, val, encoder, cfg, CPU, 0, 1, False)
+        assert built_in["eval_reward"] == pytest.approx(logged[step], abs=1e-9), step
+    assert len(set(logged.values())) > 1  # the policy moved between evaluations
+
+
 def test_chord_with_vllm_runs(tmp_path):
     """train_chord.py gets --use_vllm through train_grpo.py: a short CPU run generates with vLLM, keeps it on the
     policy and trains on both parts (mu 0.5)."""
