@@ -117,9 +117,6 @@ def build(shape, out_dir, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # Workloads: synthetic records whose token counts are known exactly
 
-PEAK_FLOPS = 989e12  # bf16 dense, H100 / H200 SXM
-
-
 def one_token_words(tokenizer):
     """Words that are one token each after a space, so n of them make exactly n tokens."""
     return sorted(w[1:] for w in tokenizer.get_vocab()
@@ -658,7 +655,7 @@ def print_table(results, kind):
         ours.setdefault(workload, speed(m))
         m = {**m, "vs": speed(m) / ours[workload]}
         if CUDA and "flops_per_token" in m:
-            m["mfu"] = m["tokens_per_s"] * m["flops_per_token"] / PEAK_FLOPS
+            m["mfu"] = m["tokens_per_s"] * m["flops_per_token"] / data.PEAK_FLOPS
         cells = ["" if m.get(key) is None else spec.format(m[key]) for _, key, spec in columns]
         print(f"| {workload} | {framework} | " + " | ".join(cells) + " |")
 
