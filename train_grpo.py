@@ -849,11 +849,6 @@ def move_training_state(model, optimizer, cfg, device):
     while vLLM generates (its KV cache takes their memory), back before the log-probabilities. Under FSDP2,
     Module.to moves each shard and FSDP re-points its own views of them (fully_shard's _apply)."""
     if cfg.offload_model:
-        from torch.distributed.fsdp import FSDPModule
-
-        for unit in model.modules():  # FSDP2's root keeps its gathered bf16 weights after a forward: free them too
-            if isinstance(unit, FSDPModule):
-                unit.reshard()
         model.to(device)
     if cfg.offload_optimizer:
         for state in optimizer.state.values():  # (empty before the first step)
