@@ -9,6 +9,7 @@ downloaded), next to what users would otherwise run, printed as one markdown tab
     python bench.py dpo --shape qwen2.5-vl-3b --train_type lora              # DPO pairs/s against TRL's DPOTrainer
     python bench.py grpo --shape qwen2.5-vl-3b                               # GRPO step time and its split, against TRL
     python bench.py grpo --shape qwen2.5-vl-3b --rollouts builtin vllm --against trl-vllm   # vLLM rollouts, both sides
+    python bench.py grpo --shape qwen2.5-vl-3b --rollouts vllm-async --against trl-vllm      # a vLLM server, async
     python bench.py grpo --shape tiny-qwen2.5-vl --steps 3 --warmup 1 --max_completion_length 16   # CPU smoke test
 
 Every workload runs the repo's own script end to end (train_sft.py, train_dpo.py, train_grpo.py as a subprocess,
@@ -31,7 +32,8 @@ copy (no precomputed reference log-probabilities in either). Plain sigmoid DPO: 
 (--rpo_alpha 0), as in TRL's default loss.
 GRPO: --prompts_per_step prompts of --prompt_tokens tokens, --num_generations completions of each sampled by the
 policy itself (train_grpo.py's own CUDA-graphed decode loop, or with `--rollouts vllm` a vLLM engine in the training
-process; TRL's transformers generate, or with `--against trl-vllm` TRL's vLLM colocate mode, same memory share) up to
+process, or with `vllm-async` a vLLM server this command starts, each step's rollout generated while the step before
+trains; TRL's transformers generate, or with `--against trl-vllm` TRL's vLLM colocate mode, same memory share) up to
 --max_completion_length tokens, scored by rewards.random (no cost, and every group gets a non-zero advantage); one
 optimizer step per rollout, in micro-batches of --per_device_train_batch_size completions. Completions are not forced to full length: train_grpo.py has no
 switch to ignore the end-of-turn token (TRL has, through generation_kwargs; left off, so both do the same work). But a
@@ -394,6 +396,52 @@ def run_trl_dpo(model_dir, pairs, steps, warmup, lora, pairs_per_step, tokens_pe
             "peak_gib": peak}
 
 
+def start_vllm_server(model_dir, flags, memory_share, log_path):
+    """vLLM's OpenAI server for train_grpo.py --vllm_mode server, started as train_grpo prints its command: on the last
+    GPU where there are two or more (train_grpo.py trains on the first), else beside the trainer on its GPU with
+    `memory_share` of it (on CPU: the settings tests/test_vllm.py gives vLLM there). -> (its port, its process)"""
+    import socket
+
+    import train_grpo
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = train_grpo.parse_config(["--model", model_dir, *flags, "--vllm_server_port", str(port)])
+    command = [sys.executable, *train_grpo.vllm_server_command(cfg)[1:]]
+    env = {**os.environ, **train_grpo.vllm_server_env(cfg)}
+    if torch.cuda.device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.device_count() - 1)
+    elif CUDA:
+        command += ["--gpu-memory-utilization", str(memory_share)]
+    else:
+        command += ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
+        env["OMP_NUM_THREADS"] = "1"
+    print(" ".join(command), flush=True)
+    with open(log_path, "w") as log:  # (the child keeps its own copy of the file)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        train_grpo.vllm_server_wait(cfg)
+    except BaseException:
+        stop_vllm_server(process)
+        raise
+    return port, process
+
+
+def stop_vllm_server(process):
+    """The server and its engine process (its own process group)."""
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
 def run_trl_grpo(model_dir, prompts, steps, warmup, lora, learning_rate, args, use_vllm=False):
     """TRL's GRPOTrainer on the same prompts, generating with transformers, or with use_vllm with a vLLM engine in
     this process (TRL's colocate mode, its defaults: no sleep, truncated importance sampling on), one optimizer step
@@ -602,15 +650,28 @@ def bench_grpo(args, work):
             f"{args.prompt_tokens} + up to {args.max_completion_length} tokens, beta {args.beta}")
     vllm_flags = ["--use_vllm", "true", "--vllm_mode", "colocate", "--vllm_importance_sampling_correction", "true",
                   "--vllm_gpu_memory_utilization", str(args.vllm_gpu_memory_utilization)]  # TRL's colocate defaults
+    async_flags = ["--use_vllm", "true", "--vllm_mode", "server", "--async_generate", "true",
+                   "--vllm_importance_sampling_correction", "true", "--vllm_server_timeout", "900"]
+    where = "its own GPU" if torch.cuda.device_count() > 1 else "the same GPU" if CUDA else "CPU"
     ours = {"builtin": ("this repo (train_grpo.py)", []),
-            "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags)}
+            "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags),
+            "vllm-async": (f"this repo (train_grpo.py), vLLM server on {where}, --async_generate", async_flags)}
     results = []
     for rollout in args.rollouts:
         label, extra = ours[rollout]
-        steps = run_script("train_grpo.py", model_dir, prompt_file, os.path.join(work, f"out-grpo-{rollout}"), args.steps,
-                           args.warmup, flags + extra)
+        server = None
+        if rollout == "vllm-async":
+            port, server = start_vllm_server(model_dir, flags + extra, args.vllm_gpu_memory_utilization,
+                                             os.path.join(work, "vllm-server.log"))
+            extra = extra + ["--vllm_server_port", str(port)]
+        try:
+            steps = run_script("train_grpo.py", model_dir, prompt_file, os.path.join(work, f"out-grpo-{rollout}"),
+                               args.steps, args.warmup, flags + extra)
+        finally:
+            if server is not None:
+                stop_vllm_server(server)
         row = {k: mean([m[k] for m in steps]) for k in ("step_s", "rollout_s", "logprob_s", "update_s", "completion_length")}
-        if rollout == "vllm":
+        if rollout != "builtin":
             row.update(weight_sync_s=mean([m["weight_sync_s"] for m in steps]),
                        vllm_logprob_diff=mean([m["vllm_logprob_diff"] for m in steps]))
         results.append((name, label, {**row, "peak_gib": logged_peak(steps)}))
@@ -695,9 +756,11 @@ def main(argv=None):
     d.add_argument("--beta", type=float, default=0.1)
     g = workload("grpo", "GRPO step time and its split, against TRL's GRPOTrainer", "lora", 5, 2, ["trl", "trl-vllm"])
     g.set_defaults(against=["trl"])  # (trl-vllm: on a machine with vLLM)
-    g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm"],
-                   help="this repo's rows: the built-in rollout, vLLM colocate (--use_vllm true)")
-    g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3, help="colocate engines' share (ours and TRL's)")
+    g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm", "vllm-async"],
+                   help="this repo's rows: the built-in rollout, vLLM colocate (--use_vllm true), a vLLM server started "
+                        "here with --async_generate (on the last GPU where there are two or more, else on the same one)")
+    g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3,
+                   help="colocate engines' share (ours and TRL's); a server's on the trainer's GPU")
     g.add_argument("--prompt_tokens", type=int, default=256, help="per prompt, chat template included")
     g.add_argument("--prompts_per_step", type=int, default=8)
     g.add_argument("--num_generations", type=int, default=8)

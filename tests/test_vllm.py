@@ -761,21 +761,31 @@ def test_two_processes_with_vllm_match_one(tmp_path):
 
 
 def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
-    """bench.py grpo --rollouts builtin vllm: a row for each of this repo's rollouts, the vLLM row with its weight
-    sync and log-probability diff; the phases add up to the step."""
+    """bench.py grpo --rollouts builtin vllm vllm-async: a row for each of this repo's rollouts (the last against a
+    vLLM server bench.py starts and stops), the vLLM rows with their weight sync and log-probability diff; the phases
+    add up to the step."""
     import bench
 
     bench.main(["grpo", "--shape", "tiny-qwen2.5-vl", "--steps", "3", "--warmup", "1", "--prompt_tokens", "48",
                 "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
-                "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "--against", "--work", str(tmp_path),
+                "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "vllm-async", "--against",
+                "--work", str(tmp_path),
                 "--flags", "--num_workers", "0"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| GRPO")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| GRPO")]
     header = ["workload", "framework", "step s", "vs this repo", "rollout s", "weight sync s", "log-prob s", "update s",
               "vLLM logprob diff", "mean completion tokens", "peak GiB"]
     rows = {row["framework"]: row for row in (dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines)}
-    assert list(rows) == ["this repo (train_grpo.py)", "this repo (train_grpo.py), vLLM colocate"]
-    builtin, vllm = rows.values()
-    assert builtin["weight sync s"] == "" and 0 < float(vllm["vLLM logprob diff"]) < 0.05
+    assert list(rows) == ["this repo (train_grpo.py)", "this repo (train_grpo.py), vLLM colocate",
+                          "this repo (train_grpo.py), vLLM server on CPU, --async_generate"]
+    builtin, *vllm = rows.values()
+    assert builtin["weight sync s"] == "" and all(0 < float(row["vLLM logprob diff"]) < 0.05 for row in vllm)
+    metrics = [json.loads(line) for line in open(tmp_path / "out-grpo-vllm-async" / "metrics.jsonl") if '"loss"' in line]
+    assert len(metrics) == 3 and all("rollout_wait_s" in m for m in metrics)  # (server mode's own metric)
+    (command,) = [line.split() for line in out.splitlines() if "vllm.entrypoints.openai.api_server" in line]
+    port = command[command.index("--port") + 1]
+    with pytest.raises(ConnectionError):  # the server is gone: bench.py stopped it
+        train_grpo.vllm_server_request(train_grpo.parse_config(["--vllm_server_port", port]), "/health", retries=1, timeout=5)
     for row in rows.values():
         phases = sum(float(row[p]) for p in ("rollout s", "log-prob s", "update s"))
         assert phases == pytest.approx(float(row["step s"]), abs=0.02) and float(row["mean completion tokens"]) <= 8
