@@ -1,5 +1,5 @@
 r"""
-lora.py: LoRA layers, freezing, parameter groups, PEFT-compatible adapter save/load, merge + export.
+lora.py: LoRA layers, freezing, parameter groups, PEFT-compatible adapter save/load, merge + export; FP8 matmuls.
 
     import lora
     model = lora.add_lora(model, rank=8, alpha=32, dropout=0.05)           # every Linear of the language model
@@ -133,6 +133,75 @@ def add_lora(model, rank, alpha, dropout=0.0, target_modules=None, use_rslora=Fa
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha, dropout, use_rslora, dtype))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 matmuls (--fp8): the language model's Linears multiply in float8, as torchtitan's "tensorwise" recipe does (one
+# scale per tensor, from its absolute max): inputs and weights in e4m3, gradients in e5m2 (more range, less
+# precision), fp32 accumulation, the output in the input's dtype. The weights stay as they are (their master dtype,
+# FSDP2's bf16 compute copy); only the matmuls change, so checkpoints, LoRA and weight sync see plain Linears.
+
+
+def _fp8(t, dtype):
+    """t scaled into dtype's range by its absolute max -> (t in dtype, the fp32 scale that multiplies it back)."""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().max().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+def _mm8(a, a_scale, b, b_scale, out_dtype):
+    """(a * a_scale) @ (b * b_scale) for fp8 a [M, K] and b [K, N], accumulated in fp32: on the GPU torch._scaled_mm
+    (b column-major, as its kernel requires); elsewhere the same products in an fp32 matmul (a product of two fp8
+    values is exact in fp32), since torch._scaled_mm on CPU is a reference loop ~3,000x slower."""
+    if a.is_cuda:
+        return torch._scaled_mm(a.contiguous(), b.t().contiguous().t(), scale_a=a_scale, scale_b=b_scale,
+                                out_dtype=out_dtype)
+    return ((a.float() @ b.float()) * (a_scale * b_scale)).to(out_dtype)
+
+
+class _FP8Matmul(torch.autograd.Function):
+    """x [N, in] @ weight.T [in, out], with N, in and out multiples of 16 (torch._scaled_mm's rule on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x8, x_scale = _fp8(x, torch.float8_e4m3fn)
+        w8, w_scale = _fp8(weight, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, x_scale, w8, w_scale)  # (the input kept in fp8: half the memory of bf16)
+        ctx.weight_grad = weight.requires_grad
+        return _mm8(x8, x_scale, w8.t(), w_scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, x_scale, w8, w_scale = ctx.saved_tensors
+        g8, g_scale = _fp8(grad, torch.float8_e5m2)
+        grad_x = _mm8(g8, g_scale, w8, w_scale, grad.dtype)
+        grad_w = None
+        if ctx.weight_grad:  # (a frozen LoRA base needs none)
+            grad_w = _mm8(g8.t().contiguous(), g_scale, x8, x_scale, grad.dtype)
+        return grad_x, grad_w
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose matmul runs in float8 (fp8_linears swaps a Linear's class to it: same parameters, same names)."""
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        pad = -rows.shape[0] % 16  # zero rows: they change neither a scale nor another row
+        out = _FP8Matmul.apply(nn.functional.pad(rows, (0, 0, 0, pad)) if pad else rows, self.weight)
+        out = (out[: rows.shape[0]] if pad else out).reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def fp8_linears(model):
+    """Swap the language model's Linears (a LoRA layer's base included; lm_head, the vision tower, LoRA's own A and B
+    and any Linear whose sizes are not multiples of 16 excluded) to FP8Linear, in place. -> how many were swapped."""
+    swapped = 0
+    for name, module in model.named_modules():
+        if (type(module) is nn.Linear and model_part(name) == "llm" and not name.endswith("lm_head")
+                and ".lora_" not in name and module.in_features % 16 == 0 and module.out_features % 16 == 0):
+            module.__class__ = FP8Linear
+            swapped += 1
+    return swapped
 
 
 # ----------------------------------------------------------------------------------------------------------------

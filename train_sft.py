@@ -85,6 +85,8 @@ class Config:
     # the trainable weights AdamW updates, and its moments: float32 keeps updates below bf16's resolution (~0.4% of a
     # weight); bfloat16 is what a bf16-loaded model gets from HF Trainer: half the memory, room to recompute fewer layers
     master_dtype: str = "float32"  # float32 | bfloat16
+    # the language model's Linears multiply in float8 with one scale per tensor (lora.fp8_linears; GPUs: H100 and newer)
+    fp8: bool = False
     attn_implementation: str = "varlen"  # varlen: packed rows, images and windows through a variable-length kernel; sdpa | eager
     seed: int = 42
     # distributed
@@ -266,6 +268,8 @@ def load_model(cfg, device, weights=None):
     model = pretrained(cfg, weights or data.resolve_model(cfg.model), dtype)
     if cfg.train_type == "lora":
         lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, use_rslora=cfg.use_rslora)
+    if cfg.fp8:  # (after LoRA: a LoRA layer's frozen base multiplies in float8 too)
+        lora.fp8_linears(model)
     trainable, total = lora.set_trainable(model, cfg.train_type, cfg.freeze_vit, cfg.freeze_llm, cfg.freeze_aligner,
                                           master_dtype=getattr(torch, cfg.master_dtype))
     if cfg.gradient_checkpointing == "true" or cfg.gradient_checkpointing == "auto" and cfg.gradient_checkpointing_layers >= 0:

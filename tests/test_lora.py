@@ -256,3 +256,67 @@ def test_peft_compatibility(tiny, tmp_path):
     ours = lora.load_adapter(load(path), tmp_path / "theirs")
     assert any(lora.model_part(n) == "vit" for n in lora_names(ours))  # PEFT's suffix rule reached the vision qkv
     assert (logits(ours, ex) - logits(theirs, ex)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FP8 matmuls (--fp8)
+
+
+def fp8_reference(t, dtype):
+    """The tensorwise rule written out: t scaled so its absolute max is dtype's largest value, rounded to dtype, then
+    scaled back (in float64)."""
+    scale = torch.finfo(dtype).max / t.abs().max().double()
+    return (t.double() * scale).to(dtype).double() / scale
+
+
+def test_fp8_linear_is_the_tensorwise_formula_and_close_to_the_linear():
+    """FP8Linear's output and gradients equal the formula (inputs and weight in e4m3, the output's gradient in e5m2, each
+    with its own absolute-max scale; fp32 accumulation), on a row count that needs padding to 16; and stay within the
+    format's rounding (e4m3: 3 mantissa bits) of the plain Linear's."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    expected = linear(x)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    plain = [x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()]
+    x.grad = linear.weight.grad = linear.bias.grad = None
+    linear.__class__ = lora.FP8Linear
+    out = linear(x)
+    out.backward(grad)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    x64, w64, g64 = fp8_reference(x.detach(), e4m3), fp8_reference(linear.weight.detach(), e4m3), fp8_reference(grad, e5m2)
+    formula = [x64 @ w64.T + linear.bias.detach().double(), g64 @ w64, (g64.reshape(-1, 48).T @ x64.reshape(-1, 64))]
+    for got, want in zip([out, x.grad, linear.weight.grad], formula):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(linear.bias.grad, plain[2])
+    for got, want, bound in zip([out, x.grad, linear.weight.grad], [expected, *plain[:2]], [0.06, 0.1, 0.1]):
+        assert ((got - want).norm() / want.norm()).item() < bound
+
+
+def test_fp8_product_off_the_gpu_is_torchs_scaled_mm():
+    """lora._mm8 off the GPU (an fp32 matmul of the fp8 values) gives what torch._scaled_mm, the GPU path, gives for
+    the same operands and scales (its CPU version is slow, not different), e4m3 x e4m3 and e5m2 x e4m3."""
+    torch.manual_seed(0)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        a, a_scale = lora._fp8(torch.randn(32, 64), dtype)
+        b, b_scale = lora._fp8(torch.randn(48, 64), torch.float8_e4m3fn)
+        want = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float32)
+        assert torch.allclose(lora._mm8(a, a_scale, b.t(), b_scale, torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_type", ["full", "lora"])
+def test_fp8_linears_swaps_the_language_models_linears_only(tiny, train_type):
+    """Every Linear of the language model's layers multiplies in fp8 (a LoRA layer's base, not its A and B), lm_head
+    and the vision tower do not; the parameters and their names are the model's (checkpoints do not change)."""
+    model = load(tiny[1])
+    if train_type == "lora":
+        lora.add_lora(model, 8, 32)
+    names = list(model.state_dict())
+    swapped = lora.fp8_linears(model)
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, lora.FP8Linear)}
+    layers = model.config.get_text_config().num_hidden_layers
+    assert swapped == len(fp8) == 7 * layers  # q, k, v, o, gate, up, down
+    assert all(".language_model.layers." in n and ".lora_" not in n for n in fp8)
+    assert train_type == "full" or all(n.endswith(".base_layer") for n in fp8)
+    assert list(model.state_dict()) == names

@@ -348,3 +348,31 @@ def test_sharded_eval_generation_gathers_each_unit_once(script, kind, monkeypatc
         assert all(isinstance(p, DTensor) for p in model.parameters())  # and resharding after forward again
     finally:
         dist.destroy_process_group()
+
+
+def test_fp8_matmuls_learn_like_the_plain_ones(tmp_path):
+    """--fp8 true (the language model's Linears in float8, lora.fp8_linears): the same first loss within the format's
+    rounding, and the run learns; the checkpoint holds the same weights a plain run's has (names and dtypes)."""
+    from safetensors.torch import load_file
+
+    common = FAST + ["--dataset", small_demo_file(tmp_path, 16), "--val_dataset", small_demo_file(tmp_path, 4, "val"),
+              "--max_steps", "4", "--save_steps", "4"]
+    train_sft.main(common + ["--output_dir", str(tmp_path / "plain")])
+    train_sft.main(common + ["--output_dir", str(tmp_path / "fp8"), "--fp8", "true"])
+    plain, fp8 = losses(str(tmp_path / "plain")), losses(str(tmp_path / "fp8"))
+    assert list(fp8) == [1, 2, 3, 4] and fp8[1] != plain[1] and abs(fp8[1] - plain[1]) < 0.02 * plain[1], (plain, fp8)
+    assert fp8[4] < fp8[1] and abs(fp8[4] - plain[4]) < 0.05 * plain[4], (plain, fp8)
+    weights = [load_file(str(tmp_path / run / "checkpoint-4" / "model.safetensors")) for run in ("plain", "fp8")]
+    assert {k: v.dtype for k, v in weights[0].items()} == {k: v.dtype for k, v in weights[1].items()}
+
+
+@pytest.mark.parametrize("script", [train_dpo, train_grpo], ids=lambda m: m.__name__)
+def test_fp8_reaches_the_policy_of_dpo_and_grpo(script):
+    """--fp8 true in DPO and GRPO: their policy (load_model, the copy test_copies holds identical to SFT's) multiplies
+    in float8, as train_sft.py's does."""
+    import lora
+
+    for flag, expected in (("false", 0), ("true", 7)):
+        model = script.load_model(script.parse_config(["--model", "tiny-qwen2.5-vl", "--fp8", flag]), torch.device("cpu"))[0]
+        layers = model.config.get_text_config().num_hidden_layers
+        assert sum(isinstance(m, lora.FP8Linear) for m in model.modules()) == expected * layers
