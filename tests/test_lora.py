@@ -1,5 +1,6 @@
 """LoRA tests on the tiny models (CPU, fp32): merged vs unmerged, saved vs loaded, adapters off vs the base model,
 which parameters train, optimizer groups, and PEFT reading our adapters (and us reading PEFT's) when peft is installed."""
+import copy
 import json
 import os
 import subprocess
@@ -320,3 +321,27 @@ def test_fp8_linears_swaps_the_language_models_linears_only(tiny, train_type):
     assert all(".language_model.layers." in n and ".lora_" not in n for n in fp8)
     assert train_type == "full" or all(n.endswith(".base_layer") for n in fp8)
     assert list(model.state_dict()) == names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._scaled_mm's GPU kernel")
+def test_gpu_fp8_linear_equals_the_product_off_the_gpu():
+    """On the GPU, FP8Linear (torch._scaled_mm, eager and compiled, bf16 in and out) gives the output and gradients that
+    the same fp8 operands give off the GPU (an fp32 matmul), to bf16's rounding."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 512, bias=False)
+    linear.__class__ = lora.FP8Linear
+    x, grad = torch.randn(2, 45, 256), torch.randn(2, 45, 512)
+
+    def run(layer, device, dtype):
+        layer = layer.to(device, dtype)
+        layer.weight.grad = None
+        inputs = x.to(device, dtype).requires_grad_()
+        out = layer(inputs)
+        out.backward(grad.to(device, dtype))
+        return [t.float().cpu() for t in (out, inputs.grad, layer.weight.grad)]
+
+    # the operands quantised from the same bf16 values on both sides
+    want = run(copy.deepcopy(linear), "cpu", torch.bfloat16)
+    for layer in (copy.deepcopy(linear), torch.compile(copy.deepcopy(linear))):
+        for got, expected in zip(run(layer, "cuda", torch.bfloat16), want):
+            assert ((got - expected).norm() / expected.norm()).item() < 0.01
