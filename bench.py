@@ -396,40 +396,52 @@ def run_trl_dpo(model_dir, pairs, steps, warmup, lora, pairs_per_step, tokens_pe
             "peak_gib": peak}
 
 
-def start_vllm_server(model_dir, flags, memory_share, log_path):
-    """vLLM's OpenAI server for train_grpo.py --vllm_mode server, started as train_grpo prints its command: on the last
-    GPU where there are two or more (train_grpo.py trains on the first), else beside the trainer on its GPU with
-    `memory_share` of it (on CPU: the settings tests/test_vllm.py gives vLLM there). -> (its port, its process)"""
-    import socket
+VLLM_ON_CPU = (["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)],
+               {"OMP_NUM_THREADS": "1"})  # a server of a tiny model on CPU (tests/test_vllm.py): what vLLM needs there
 
-    import train_grpo
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = train_grpo.parse_config(["--model", model_dir, *flags, "--vllm_server_port", str(port)])
-    command = [sys.executable, *train_grpo.vllm_server_command(cfg)[1:]]
-    env = {**os.environ, **train_grpo.vllm_server_env(cfg)}
+        return s.getsockname()[1]
+
+
+def server_placement(memory_share):
+    """Where bench_grpo's vLLM server runs -> (its name in the table, arguments for it, its environment): on the last
+    GPU where there are two or more (train_grpo.py trains on the first), else beside the trainer on its GPU with
+    `memory_share` of it, else on CPU."""
     if torch.cuda.device_count() > 1:
-        env["CUDA_VISIBLE_DEVICES"] = str(torch.cuda.device_count() - 1)
-    elif CUDA:
-        command += ["--gpu-memory-utilization", str(memory_share)]
-    else:
-        command += ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
-        env["OMP_NUM_THREADS"] = "1"
+        return "its own GPU", [], {"CUDA_VISIBLE_DEVICES": str(torch.cuda.device_count() - 1)}
+    if CUDA:
+        return "the same GPU", ["--gpu-memory-utilization", str(memory_share)], {}
+    return "CPU", *VLLM_ON_CPU
+
+
+def start_vllm_server(cfg, log_path, arguments=(), environment=None):
+    """vLLM's OpenAI server for cfg (train_grpo's Config, --vllm_mode server) at its --vllm_server_port, started as
+    train_grpo prints its command (vllm_server_command, vllm_server_env) plus `arguments` and `environment`, in a
+    process group of its own (its engine runs in a child process; stop_vllm_server ends both), its output to log_path.
+    -> (the process, once the server answers; the name it serves the model under)"""
+    import train_grpo
+
+    command = [sys.executable, *train_grpo.vllm_server_command(cfg)[1:], *arguments]
+    env = {**os.environ, **train_grpo.vllm_server_env(cfg), **(environment or {})}
     print(" ".join(command), flush=True)
     with open(log_path, "w") as log:  # (the child keeps its own copy of the file)
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        train_grpo.vllm_server_wait(cfg)
+        return process, train_grpo.vllm_server_wait(cfg)
     except BaseException:
         stop_vllm_server(process)
         raise
-    return port, process
 
 
 def stop_vllm_server(process):
-    """The server and its engine process (its own process group)."""
+    """SIGTERM to the server's process group (its engine too); SIGKILL if it has not gone in 60 s (a loaded 2-core
+    machine)."""
     import signal
 
     try:
@@ -652,7 +664,7 @@ def bench_grpo(args, work):
                   "--vllm_gpu_memory_utilization", str(args.vllm_gpu_memory_utilization)]  # TRL's colocate defaults
     async_flags = ["--use_vllm", "true", "--vllm_mode", "server", "--async_generate", "true",
                    "--vllm_importance_sampling_correction", "true", "--vllm_server_timeout", "900"]
-    where = "its own GPU" if torch.cuda.device_count() > 1 else "the same GPU" if CUDA else "CPU"
+    where, server_arguments, server_environment = server_placement(args.vllm_gpu_memory_utilization)
     ours = {"builtin": ("this repo (train_grpo.py)", []),
             "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags),
             "vllm-async": (f"this repo (train_grpo.py), vLLM server on {where}, --async_generate", async_flags)}
@@ -661,9 +673,11 @@ def bench_grpo(args, work):
         label, extra = ours[rollout]
         server = None
         if rollout == "vllm-async":
-            port, server = start_vllm_server(model_dir, flags + extra, args.vllm_gpu_memory_utilization,
-                                             os.path.join(work, "vllm-server.log"))
-            extra = extra + ["--vllm_server_port", str(port)]
+            import train_grpo
+
+            extra = extra + ["--vllm_server_port", str(free_port())]
+            server, _ = start_vllm_server(train_grpo.parse_config(["--model", model_dir, *flags, *extra]),
+                                          os.path.join(work, "vllm-server.log"), server_arguments, server_environment)
         try:
             steps = run_script("train_grpo.py", model_dir, prompt_file, os.path.join(work, f"out-grpo-{rollout}"),
                                args.steps, args.warmup, flags + extra)

@@ -93,18 +93,3 @@ def count_gathers(monkeypatch):
 
     monkeypatch.setattr(_fsdp_param_group.FSDPParamGroup, "unshard", counted_unshard)
     return gathers
-
-
-def stop_server(process):
-    """SIGTERM to a server's process group (started with start_new_session); SIGKILL if it has not gone in 60 s (a
-    loaded 2-core machine)."""
-    import os
-    import signal
-    import subprocess
-
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards  # noqa: E402
-from conftest import stop_server  # noqa: E402
+from bench import stop_vllm_server as stop_server  # noqa: E402
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>How many cats are there?"}]
 

@@ -20,8 +20,10 @@ import torch
 
 pytest.importorskip("vllm")
 
+import bench  # noqa: E402
 import data  # noqa: E402
-from conftest import run_torchrun, stop_server  # noqa: E402
+from bench import stop_vllm_server as stop_server  # noqa: E402
+from conftest import run_torchrun  # noqa: E402
 import train_grpo  # noqa: E402
 
 torch.set_num_threads(1)  # before vLLM's CPU worker binds its threads: with two each, in-process generation is ~50x slower
@@ -415,41 +417,25 @@ def test_gpu_offload_moves_the_training_state_and_back(tmp_path):
 
 
 def start_server(cfg, log_name):
-    """vLLM's OpenAI server for cfg on 127.0.0.1 at a free port: the command and environment train_grpo prints
-    (vllm_server_command, vllm_server_env) plus the CPU settings, in a process group of its own (its engine runs in a
-    child process; stop_server ends both). -> (the config that reaches it, with served_model; the process; its log)"""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = dataclasses.replace(cfg, vllm_mode="server", vllm_server_port=port, vllm_server_timeout=120)
-    command = [sys.executable, *train_grpo.vllm_server_command(cfg, max_media=(1, 0))[1:], "--dtype", "float32",
-               "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
-    env = {**os.environ, **train_grpo.vllm_server_env(cfg), "OMP_NUM_THREADS": "1"}
-    log = open(os.path.join(os.path.dirname(data.resolve_model(cfg.model)), f"vllm-server-{log_name}-{port}.log"), "w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        cfg.served_model = train_grpo.vllm_server_wait(cfg)
-    except BaseException:
-        stop_server(process)
-        log.close()
-        raise
-    return cfg, process, log
+    """vLLM's OpenAI server for cfg on 127.0.0.1 at a free port, as bench.py starts one on CPU (train_grpo's printed
+    command plus vLLM's CPU settings). -> (the config that reaches it, with served_model; the process)"""
+    cfg = dataclasses.replace(cfg, vllm_mode="server", vllm_server_port=bench.free_port(), vllm_server_timeout=120)
+    log_path = os.path.join(os.path.dirname(data.resolve_model(cfg.model)), f"vllm-server-{log_name}-{cfg.vllm_server_port}.log")
+    process, cfg.served_model = bench.start_vllm_server(cfg, log_path, *bench.VLLM_ON_CPU)
+    return cfg, process
 
 
 @pytest.fixture(scope="module")
 def server():
     """The module's server of the tiny Qwen2.5-VL, started as a LoRA run's command says (vLLM's LoRA on, adapters
     loaded at run time), so that it serves full and LoRA runs. -> (the config that reaches it, the process)"""
-    cfg, process, log = start_server(config("tiny-qwen2.5-vl", "--train_type", "lora"), "module")
+    cfg, process = start_server(config("tiny-qwen2.5-vl", "--train_type", "lora"), "module")
     cfg.train_type = "full"
     try:
         yield cfg, process
     finally:
         if process.poll() is None:
             stop_server(process)
-        log.close()
 
 
 def server_sync_base(cfg):
@@ -579,7 +565,7 @@ def test_server_stopped_mid_run_says_where_to_resume(tmp_path, server):
     step and the checkpoint to resume from; the same command with --resume_from_checkpoint, against a server again (the
     module's), continues from there to the end. This server is started as a full run's command says. (SIGTERM, and the
     reward waits until the port refuses: a SIGKILLed vLLM leaves its shared memory in /dev/shm.)"""
-    own, process, log = start_server(config("tiny-qwen2.5-vl"), "stopped")
+    own, process = start_server(config("tiny-qwen2.5-vl"), "stopped")
     plugin = tmp_path / "stop.py"
     plugin.write_text(
         "import os, signal, socket, time\ncalls = 0\n\n"
@@ -597,7 +583,6 @@ def test_server_stopped_mid_run_says_where_to_resume(tmp_path, server):
             process.wait(timeout=60)  # (stopped by the reward function)
         except subprocess.TimeoutExpired:
             stop_server(process)
-        log.close()
     message = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and len(steps) == 3, p.stderr[-3000:]
     assert f"vLLM server http://127.0.0.1:{own.vllm_server_port}/" in message and "after 2 tries" in message, message
@@ -764,8 +749,6 @@ def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
     """bench.py grpo --rollouts builtin vllm vllm-async: a row for each of this repo's rollouts (the last against a
     vLLM server bench.py starts and stops), the vLLM rows with their weight sync and log-probability diff; the phases
     add up to the step."""
-    import bench
-
     bench.main(["grpo", "--shape", "tiny-qwen2.5-vl", "--steps", "3", "--warmup", "1", "--prompt_tokens", "48",
                 "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
                 "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "vllm-async", "--against",
