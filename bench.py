@@ -522,8 +522,9 @@ def model_for(args, work):
     return model_dir
 
 
-def against(results, name, frameworks, runners, labels):
-    """Run the other frameworks' runners; one that cannot run here (not installed, out of memory) is a row saying so."""
+def run_rows(results, name, frameworks, runners, labels):
+    """Run the runners of frameworks (or of this repo's other flags); one that cannot run here (not installed, out of
+    memory, a failing flag) is a row saying so, and the rows after it still run."""
     for other in frameworks:
         try:
             results.append((name, labels[other], runners[other]()))
@@ -558,10 +559,10 @@ def bench_sft(args, work):
         text_flops = flops_per_token(model_dir, [args.seq_len], 0)
         name = f"SFT {args.train_type}, {args.shape}, 1 x {args.seq_len} text tokens"
         results.append((name, "this repo (train_sft.py)", ours(text_file, os.path.join(work, "out"), [], text_flops)))
-        if args.fast:
-            results.append((name, f"this repo, {args.fast}",
-                            ours(text_file, os.path.join(work, "out-fast"), args.fast.split(), text_flops)))
-        against(results, name, args.against,
+        fast_rows = {fast: lambda i=i, fast=fast: ours(text_file, os.path.join(work, f"out-fast{i}"), fast.split(), text_flops)
+                     for i, fast in enumerate(args.fast)}
+        run_rows(results, name, args.fast, fast_rows, {fast: f"this repo, {fast}" for fast in args.fast})
+        run_rows(results, name, args.against,
                 {"hf": lambda: {**run_hf_loop(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops},
                  "trl": lambda: {**run_trl_sft(model_dir, rows, args.steps, args.warmup, lora), "flops_per_token": text_flops}},
                 {"hf": "plain transformers loop", "trl": "TRL SFTTrainer"})
@@ -575,11 +576,11 @@ def bench_sft(args, work):
         image_flags = ["--max_pixels", str(args.image_size**2), "--min_pixels", str(args.image_size**2)]
         image_name = f"SFT {args.train_type}, {args.shape}, packed {args.seq_len}-token rows of {length}-token image examples"
         results.append((image_name, "this repo (train_sft.py)", ours(image_file, os.path.join(work, "out-images"), image_flags, flops)))
-        if args.fast:
-            results.append((image_name, f"this repo, {args.fast}",
-                            ours(image_file, os.path.join(work, "out-images-fast"), image_flags + args.fast.split(), flops)))
+        fast_rows = {fast: lambda i=i, fast=fast: ours(image_file, os.path.join(work, f"out-images-fast{i}"),
+                                                       image_flags + fast.split(), flops) for i, fast in enumerate(args.fast)}
+        run_rows(results, image_name, args.fast, fast_rows, {fast: f"this repo, {fast}" for fast in args.fast})
         per_row = args.seq_len // length  # the examples one packed row of ours holds
-        against(results, image_name, [f for f in args.against if f == "trl"],  # (the plain loop: text rows only)
+        run_rows(results, image_name, [f for f in args.against if f == "trl"],  # (the plain loop: text rows only)
                 {"trl": lambda: {**run_trl_sft_images(model_dir, image_file, per_row, length, args.image_size, args.steps,
                                                       args.warmup, lora), "flops_per_token": flops}},
                 {"trl": f"TRL SFTTrainer (batches of {per_row} examples: it packs no images)"})
@@ -623,7 +624,7 @@ def bench_dpo(args, work):
     harmonic = lambda key: len(steps) / sum(1 / m[key] for m in steps)  # the same work every step: the harmonic mean
     results = [(name, "this repo (train_dpo.py)", {"pairs_per_s": harmonic("pairs_per_s"), "peak_gib": logged_peak(steps),
                                                    "tokens_per_s": harmonic("tokens_per_s"), "flops_per_token": flops})]
-    against(results, name, args.against,
+    run_rows(results, name, args.against,
             {"trl": lambda: {**run_trl_dpo(model_dir, pairs, args.steps, args.warmup, lora, args.pairs_per_step,
                                            tokens_per_pair, args.beta, learning_rate), "flops_per_token": flops}},
             {"trl": "TRL DPOTrainer"})
@@ -668,10 +669,9 @@ def bench_grpo(args, work):
     ours = {"builtin": ("this repo (train_grpo.py)", []),
             "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags),
             "vllm-async": (f"this repo (train_grpo.py), vLLM server on {where}, --async_generate", async_flags)}
-    results = []
-    for rollout in args.rollouts:
-        label, extra = ours[rollout]
-        server = None
+
+    def ours_row(rollout):
+        extra, server = ours[rollout][1], None
         if rollout == "vllm-async":
             import train_grpo
 
@@ -688,8 +688,11 @@ def bench_grpo(args, work):
         if rollout != "builtin":
             row.update(weight_sync_s=mean([m["weight_sync_s"] for m in steps]),
                        vllm_logprob_diff=mean([m["vllm_logprob_diff"] for m in steps]))
-        results.append((name, label, {**row, "peak_gib": logged_peak(steps)}))
-    against(results, name, args.against,
+        return {**row, "peak_gib": logged_peak(steps)}
+
+    results = []
+    run_rows(results, name, args.rollouts, {r: lambda r=r: ours_row(r) for r in ours}, {r: ours[r][0] for r in ours})
+    run_rows(results, name, args.against,
             {"trl": lambda: run_trl_grpo(model_dir, prompts, args.steps, args.warmup, lora, learning_rate, args),
              "trl-vllm": lambda: run_trl_grpo(model_dir, prompts, args.steps, args.warmup, lora, learning_rate, args,
                                               use_vllm=True)},
@@ -761,8 +764,8 @@ def main(argv=None):
     s.add_argument("--images", type=int, default=0, help="also time packed rows of this many image examples")
     s.add_argument("--image_size", type=int, default=448)
     s.add_argument("--reply_tokens", type=int, default=200)
-    s.add_argument("--fast", default="", help="also time train_sft.py with these flags (one string, after "
-                   "an =), e.g. --fast='--compile true --master_dtype bfloat16 --gradient_checkpointing_layers 6 --fsdp_reshard_after_forward false'")
+    s.add_argument("--fast", action="append", default=[], help="also time train_sft.py with these flags (one string, "
+                   "after an =; give it again for another row), e.g. --fast='--compile true --master_dtype bfloat16 --gradient_checkpointing_layers 6 --fsdp_reshard_after_forward false'")
     d = workload("dpo", "DPO pairs/s, MFU and peak memory, against TRL's DPOTrainer", "lora", 8, 3, ["trl"])
     d.add_argument("--prompt_tokens", type=int, default=512, help="per prompt, chat template included")
     d.add_argument("--reply_tokens", type=int, default=512, help="per reply, its <|im_end|> and newline included")

@@ -46,10 +46,11 @@ def check(rows, measured, ours, others):
 
 
 def test_sft(capsys, tmp_path):
-    rows = table(capsys, ["sft"] + SMALL + ["--seq_len", "64", "--fast=--master_dtype bfloat16", "--against", "hf", "trl"],
-                 tmp_path)
+    rows = table(capsys, ["sft"] + SMALL + ["--seq_len", "64", "--fast=--master_dtype bfloat16",
+                                 "--fast=--master_dtype bfloat16 --fp8 true", "--against", "hf", "trl"], tmp_path)
     check(rows, ["tokens/s per GPU"], "this repo (train_sft.py)",
-          ["this repo, --master_dtype bfloat16", "plain transformers loop", "TRL SFTTrainer"])
+          ["this repo, --master_dtype bfloat16", "this repo, --master_dtype bfloat16 --fp8 true", "plain transformers loop",
+           "TRL SFTTrainer"])
 
 
 def test_sft_image_rows(capsys, tmp_path):
