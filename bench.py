@@ -420,20 +420,20 @@ def server_placement(memory_share):
     return "CPU", *VLLM_ON_CPU
 
 
-def start_vllm_server(cfg, log_path, arguments=(), environment=None):
+def start_vllm_server(cfg, log_path, arguments=(), environment=None, max_media=(1, 0)):
     """vLLM's OpenAI server for cfg (train_grpo's Config, --vllm_mode server) at its --vllm_server_port, started as
-    train_grpo prints its command (vllm_server_command, vllm_server_env) plus `arguments` and `environment`, in a
-    process group of its own (its engine runs in a child process; stop_vllm_server ends both), its output to log_path.
+    train_grpo prints its command (vllm_server_command with room for max_media, vllm_server_env) plus `arguments` and
+    `environment`, in a process group of its own (its engine runs in a child process; stop_vllm_server ends both), its output to log_path.
     -> (the process, once the server answers; the name it serves the model under)"""
     import train_grpo
 
-    command = [sys.executable, *train_grpo.vllm_server_command(cfg)[1:], *arguments]
+    command = [sys.executable, *train_grpo.vllm_server_command(cfg, max_media)[1:], *arguments]
     env = {**os.environ, **train_grpo.vllm_server_env(cfg), **(environment or {})}
     print(" ".join(command), flush=True)
     with open(log_path, "w") as log:  # (the child keeps its own copy of the file)
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        return process, train_grpo.vllm_server_wait(cfg)
+        return process, train_grpo.vllm_server_wait(cfg, max_media)
     except BaseException:
         stop_vllm_server(process)
         raise

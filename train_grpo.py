@@ -892,11 +892,29 @@ def vllm_server_env(cfg):
     return {"VLLM_SERVER_DEV_MODE": "1", **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if adapter else {})}
 
 
+def vllm_takes_request_media_kwargs_untrusted():
+    """Whether this machine's vLLM server takes a request's media_io_kwargs (a video's frame indices and fps) without
+    --trust-request-mm-kwargs: vLLM 0.26 does and has no such flag, 0.32 refuses them without it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:  # (not installed here: the server is elsewhere; a recent vLLM assumed)
+        return False
+    for folder, _, files in os.walk(os.path.join(os.path.dirname(spec.origin), "entrypoints")):  # (its server flags)
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    if "trust_request_mm_kwargs" in f.read():
+                        return False
+    return True
+
+
 def vllm_server_command(cfg, max_media=(1, 0)):
     """The command that starts a server this run can use (printed when none answers; the tests run it), in the
     environment vllm_server_env gives: with vLLM's LoRA for a LoRA run on this machine, with an NCCL weight-transfer
-    engine for a server elsewhere."""
+    engine for a server elsewhere, trusting a request's media_io_kwargs where prompts have videos."""
     local = vllm_server_local(cfg)
+    videos = max_media[1] > 0 and not vllm_takes_request_media_kwargs_untrusted()
     lora_rank = next(r for r in LORA_RANKS if r >= cfg.lora_rank)
     return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", data.resolve_model(cfg.model),
             "--host", cfg.vllm_server_host, "--port", str(cfg.vllm_server_port), "--seed", str(cfg.seed),
@@ -905,6 +923,7 @@ def vllm_server_command(cfg, max_media=(1, 0)):
             "--logprobs-mode", "processed_logprobs", "--mm-processor-kwargs", json.dumps(VLLM_PROCESSOR_KWARGS),
             *(["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(lora_rank)]
               if "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in vllm_server_env(cfg) else []),
+            *(["--trust-request-mm-kwargs"] if videos else []),
             *([] if local else ["--weight-transfer-config", json.dumps({"backend": "nccl"})])]
 
 
@@ -959,29 +978,47 @@ def vllm_server_wait(cfg, max_media=(1, 0)):
 
 def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, greedy=False):
     """vllm_rollout() against the server: one chat completion request per completion (sent at once: the server batches
-    them), the sample's messages with its images as PNG data URLs, resized as vllm_prompt resizes them; the server's
-    chat template is the model folder's, as the encoder's, and its prompt token ids are checked against the encoder's.
-    Videos: not sent (a data URL would be decoded and resampled by the server). -> as vllm_rollout."""
+    them), the sample's messages with its media as vllm_prompt prepares them, in data URLs: images as PNGs, a video as
+    its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
+    its own format, so nothing is lost) with their indices and fps in the request's media_io_kwargs. The server's chat
+    template is the model folder's, as the encoder's, and its prompt token ids are checked against the encoder's.
+    -> as vllm_rollout."""
     import base64
     import io
     import re
     from concurrent.futures import ThreadPoolExecutor
 
-    if any(s.videos for s in samples):
-        raise NotImplementedError("--vllm_mode server: prompts with videos (use --vllm_mode colocate)")
+    from PIL import Image
+
+    if any(len(s.videos) > 1 for s in samples):  # (the frames' indices and fps go per request, not per video)
+        raise NotImplementedError("--vllm_mode server: a prompt with more than one video (use --vllm_mode colocate)")
+    if encoder.model_type == "qwen3_vl" and any(s.videos for s in samples):
+        # vLLM's chat path keeps the video's own <|vision_start|>...<|vision_end|> around the frames' timestamps and
+        # pairs, which transformers, data.py and colocate's vllm_prompt replace: two prompt tokens the trainer never sees
+        raise NotImplementedError("--vllm_mode server: Qwen3-VL prompts with videos (vLLM's server wraps the frames in "
+                                  "two vision tokens more than training does; use --vllm_mode colocate)")
+
+    def png(image):  # -> base64 of a lossless PNG
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
     per_prompt = 1 if greedy else cfg.num_generations
     bodies = []
     for j, (sample, prompt) in enumerate(zip(samples, prompts)):
-        images = iter(vllm_prompt(sample, prompt, encoder).get("multi_modal_data", {}).get("image", []))
-        messages = []
+        media = vllm_prompt(sample, prompt, encoder).get("multi_modal_data", {})
+        images, videos = iter(media.get("image", [])), media.get("video", [])
+        messages, video_kwargs = [], {}
         for m in sample.messages:
             parts = []
-            for piece in re.split(f"({re.escape(data.IMAGE_TAG)})", m["content"]):
+            for piece in re.split(f"({re.escape(data.IMAGE_TAG)}|{re.escape(data.VIDEO_TAG)})", m["content"]):
                 if piece == data.IMAGE_TAG:
-                    png = io.BytesIO()
-                    next(images).save(png, format="PNG")
-                    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                    parts.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + png(next(images))}})
+                elif piece == data.VIDEO_TAG:
+                    frames, metadata = videos[0]
+                    url = "data:video/jpeg;base64," + ",".join(png(Image.fromarray(f)) for f in frames)
+                    parts.append({"type": "video_url", "video_url": {"url": url}})
+                    video_kwargs = {"video": {k: metadata[k] for k in ("fps", "frames_indices", "total_num_frames")}}
                 elif piece:
                     parts.append({"type": "text", "text": piece})
             messages.append({"role": m["role"], "content": parts})
@@ -991,7 +1028,8 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
                 "seed": seeds[j * per_prompt + k] % 2**63, **({"top_k": cfg.top_k} if cfg.top_k > 0 else {})}
             bodies.append({"model": model_name, "messages": messages, "max_tokens": cfg.max_completion_length,
                            "stop_token_ids": stop_tokens(encoder), "bad_words": VLLM_SUPPRESSED, "logprobs": True,
-                           "top_logprobs": 0, "return_token_ids": True, **sampling})
+                           "top_logprobs": 0, "return_token_ids": True,
+                           **({"media_io_kwargs": video_kwargs} if video_kwargs else {}), **sampling})
     with ThreadPoolExecutor(max_workers=min(len(bodies), 64)) as pool:
         replies = list(pool.map(lambda body: vllm_server_request(cfg, "/v1/chat/completions", body), bodies))
     completion_ids, vllm_logprobs = [], []

@@ -416,20 +416,21 @@ def test_gpu_offload_moves_the_training_state_and_back(tmp_path):
 # ----------------------------------------------------------------------------- server mode: vLLM's own OpenAI server
 
 
-def start_server(cfg, log_name):
+def start_server(cfg, log_name, max_media=(1, 0)):
     """vLLM's OpenAI server for cfg on 127.0.0.1 at a free port, as bench.py starts one on CPU (train_grpo's printed
     command plus vLLM's CPU settings). -> (the config that reaches it, with served_model; the process)"""
     cfg = dataclasses.replace(cfg, vllm_mode="server", vllm_server_port=bench.free_port(), vllm_server_timeout=120)
     log_path = os.path.join(os.path.dirname(data.resolve_model(cfg.model)), f"vllm-server-{log_name}-{cfg.vllm_server_port}.log")
-    process, cfg.served_model = bench.start_vllm_server(cfg, log_path, *bench.VLLM_ON_CPU)
+    process, cfg.served_model = bench.start_vllm_server(cfg, log_path, *bench.VLLM_ON_CPU, max_media=max_media)
     return cfg, process
 
 
 @pytest.fixture(scope="module")
 def server():
     """The module's server of the tiny Qwen2.5-VL, started as a LoRA run's command says (vLLM's LoRA on, adapters
-    loaded at run time), so that it serves full and LoRA runs. -> (the config that reaches it, the process)"""
-    cfg, process = start_server(config("tiny-qwen2.5-vl", "--train_type", "lora"), "module")
+    loaded at run time), so that it serves full and LoRA runs, with room for an image and a video a prompt.
+    -> (the config that reaches it, the process)"""
+    cfg, process = start_server(config("tiny-qwen2.5-vl", "--train_type", "lora"), "module", max_media=(1, 1))
     cfg.train_type = "full"
     try:
         yield cfg, process
@@ -446,26 +447,41 @@ def server_sync_base(cfg):
 
 
 def test_server_rollouts_equal_colocate(engines, prompts, server):
-    """The same prompts through the server and through the in-process engine: the same prompt tokens (checked inside),
-    the same greedy completions (the built-in rollout's), the same log-probabilities; sampled with the same seeds, the
-    same completions (one vLLM sampler, one seed per request)."""
+    """The same prompts (images; a video, sent as its sampled frames) through the server and through the in-process
+    engine: the same prompt tokens (checked inside), the same greedy completions (the built-in rollout's), the same
+    log-probabilities; sampled with the same seeds, the same completions (one vLLM sampler, one seed per request)."""
     cfg, _ = server
     llm = engines("tiny-qwen2.5-vl")
     sync_base(llm, "tiny-qwen2.5-vl")
     cfg.num_generations, cfg.temperature = 2, 0.8
     encoder = data.Encoder(data.resolve_model(cfg.model))
-    images = [s for s in prompts if not s.videos]
-    encoded = [encoder(s, **train_grpo.PROMPT) for s in images]
+    encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
     model = train_grpo.load_model(config(cfg.model), CPU, False)[0]
-    expected = train_grpo.rollout(model, encoder, images, cfg, CPU, greedy=True, prompts=encoded)[0]
-    got, texts, logprobs = train_grpo.vllm_server_rollout(cfg.served_model, encoder, images, encoded, cfg, greedy=True)
-    local, _, local_logprobs = train_grpo.vllm_rollout(llm, encoder, images, encoded, cfg, greedy=True)
+    expected = train_grpo.rollout(model, encoder, prompts, cfg, CPU, greedy=True, prompts=encoded)[0]
+    got, texts, logprobs = train_grpo.vllm_server_rollout(cfg.served_model, encoder, prompts, encoded, cfg, greedy=True)
+    local, _, local_logprobs = train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, greedy=True)
     assert got == expected == local
     for a, b in zip(logprobs, local_logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    seeds = list(range(7, 7 + 2 * len(images)))
-    sampled = train_grpo.vllm_server_rollout(cfg.served_model, encoder, images, encoded, cfg, seeds=seeds)[0]
-    assert sampled == train_grpo.vllm_rollout(llm, encoder, images, encoded, cfg, seeds=seeds)[0] and sampled != got[:1] * len(got)
+    seeds = list(range(7, 7 + 2 * len(prompts)))
+    sampled = train_grpo.vllm_server_rollout(cfg.served_model, encoder, prompts, encoded, cfg, seeds=seeds)[0]
+    assert sampled == train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, seeds=seeds)[0] and sampled != got[:1] * len(got)
+
+
+def test_server_refuses_what_it_cannot_send_as_training_sees_it(prompts, media):
+    """Before any request: Qwen3-VL videos (vLLM's chat path wraps the frames in two vision tokens more than
+    training's prompt has: seen with the tiny Qwen3-VL, 63 tokens against 61) and two videos in one prompt (the
+    frames' indices and fps go per request)."""
+    cfg = config("tiny-qwen3-vl", vllm_mode="server")
+    video = dataclasses.replace(prompts[0], images=[], videos=[media["video.avi"]],
+                                messages=[{"role": "user", "content": "<video>What is it?"}])
+    for model_name, sample, refused in [("tiny-qwen3-vl", video, "Qwen3-VL prompts with videos"),
+                                        ("tiny-qwen2.5-vl", dataclasses.replace(video, videos=[media["video.avi"]] * 2,
+                                                                                messages=[{"role": "user", "content": "<video><video>?"}]),
+                                         "more than one video")]:
+        encoder = data.Encoder(data.resolve_model(model_name))
+        with pytest.raises(NotImplementedError, match=refused):
+            train_grpo.vllm_server_rollout("absent", encoder, [sample], None, cfg, greedy=True)
 
 
 def test_server_errors_name_the_server(server):
@@ -481,6 +497,9 @@ def test_server_errors_name_the_server(server):
     remote = dataclasses.replace(cfg, vllm_server_host="192.0.2.1")  # elsewhere: NCCL (TEST-NET-1: no such host here)
     assert not train_grpo.vllm_server_local(remote) and "--weight-transfer-config" in train_grpo.vllm_server_command(remote)
     assert "--weight-transfer-config" not in train_grpo.vllm_server_command(cfg) and train_grpo.vllm_server_local(cfg)
+    # a request's media_io_kwargs (a video's frames) are refused by vLLM 0.32 unless the server trusts them
+    assert "--trust-request-mm-kwargs" in train_grpo.vllm_server_command(cfg, (1, 1))
+    assert "--trust-request-mm-kwargs" not in train_grpo.vllm_server_command(cfg, (1, 0))
 
 
 # a short server-mode run: 2 prompts x 4 completions a step, a high learning rate (the policy moves fast: a step whose
