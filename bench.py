@@ -666,8 +666,12 @@ def bench_grpo(args, work):
     async_flags = ["--use_vllm", "true", "--vllm_mode", "server", "--async_generate", "true",
                    "--vllm_importance_sampling_correction", "true", "--vllm_server_timeout", "900"]
     where, server_arguments, server_environment = server_placement(args.vllm_gpu_memory_utilization)
+    if "vllm-merged" in args.rollouts and not lora:
+        raise SystemExit("--rollouts vllm-merged: a LoRA row (--train_type lora)")
     ours = {"builtin": ("this repo (train_grpo.py)", []),
             "vllm": ("this repo (train_grpo.py), vLLM colocate", vllm_flags),
+            "vllm-merged": ("this repo (train_grpo.py), vLLM colocate, --vllm_lora_sync merged",
+                            vllm_flags + ["--vllm_lora_sync", "merged"]),
             "vllm-async": (f"this repo (train_grpo.py), vLLM server on {where}, --async_generate", async_flags)}
 
     def ours_row(rollout):
@@ -773,9 +777,11 @@ def main(argv=None):
     d.add_argument("--beta", type=float, default=0.1)
     g = workload("grpo", "GRPO step time and its split, against TRL's GRPOTrainer", "lora", 5, 2, ["trl", "trl-vllm"])
     g.set_defaults(against=["trl"])  # (trl-vllm: on a machine with vLLM)
-    g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm", "vllm-async"],
-                   help="this repo's rows: the built-in rollout, vLLM colocate (--use_vllm true), a vLLM server started "
-                        "here with --async_generate (on the last GPU where there are two or more, else on the same one)")
+    g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm", "vllm-merged", "vllm-async"],
+                   help="this repo's rows: the built-in rollout, vLLM colocate (--use_vllm true), colocate with the "
+                        "adapter merged into the weights it sends (TRL's way: vLLM generates without LoRA kernels), a "
+                        "vLLM server started here with --async_generate (on the last GPU where there are two or more, "
+                        "else on the same one)")
     g.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3,
                    help="colocate engines' share (ours and TRL's); a server's on the trainer's GPU")
     g.add_argument("--prompt_tokens", type=int, default=256, help="per prompt, chat template included")

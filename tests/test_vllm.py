@@ -765,12 +765,12 @@ def test_two_processes_with_vllm_match_one(tmp_path):
 
 
 def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
-    """bench.py grpo --rollouts builtin vllm vllm-async: a row for each of this repo's rollouts (the last against a
-    vLLM server bench.py starts and stops), the vLLM rows with their weight sync and log-probability diff; the phases
-    add up to the step."""
+    """bench.py grpo --rollouts builtin vllm vllm-merged vllm-async: a row for each of this repo's rollouts (the last
+    against a vLLM server bench.py starts and stops), the vLLM rows with their weight sync and log-probability diff;
+    the phases add up to the step."""
     bench.main(["grpo", "--shape", "tiny-qwen2.5-vl", "--steps", "3", "--warmup", "1", "--prompt_tokens", "48",
                 "--prompts_per_step", "2", "--num_generations", "4", "--max_completion_length", "8",
-                "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "vllm-async", "--against",
+                "--per_device_train_batch_size", "4", "--rollouts", "builtin", "vllm", "vllm-merged", "vllm-async", "--against",
                 "--work", str(tmp_path),
                 "--flags", "--num_workers", "0"])
     out = capsys.readouterr().out
@@ -779,6 +779,7 @@ def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
               "vLLM logprob diff", "mean completion tokens", "peak GiB"]
     rows = {row["framework"]: row for row in (dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines)}
     assert list(rows) == ["this repo (train_grpo.py)", "this repo (train_grpo.py), vLLM colocate",
+                          "this repo (train_grpo.py), vLLM colocate, --vllm_lora_sync merged",
                           "this repo (train_grpo.py), vLLM server on CPU, --async_generate"]
     builtin, *vllm = rows.values()
     assert builtin["weight sync s"] == "" and all(0 < float(row["vLLM logprob diff"]) < 0.05 for row in vllm)
