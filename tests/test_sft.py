@@ -1,6 +1,7 @@
 """train_sft.py end to end on the tiny model: a short run, exact resume after SIGKILL, 2 processes vs 1."""
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -268,6 +269,15 @@ def test_profile_script_profiles_whole_steps_of_the_real_loop(tmp_path, capsys):
                       "--max_steps", "3", "--save_steps", "0", "--output_dir", str(tmp_path / "run")])
     printed = capsys.readouterr().out
     assert "ProfilerStep*" in printed and "aten::mm" in printed  # whole steps, with their matrix multiplies
+    families = dict(re.findall(r"^\| ([a-z][^|]*?) \| ([0-9.]+) \| [0-9]+% \|$", printed, re.MULTILINE))
+    assert set(families) == {f for f, _ in profile_sft.FAMILIES} | {"other"} and float(families["matrix multiplies"]) > 0
+    names = [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 5.0), ("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 3.0),
+             ("triton_poi_fused_add_mul_0", 2.0), ("ncclDevKernel_AllGather_RING_LL", 1.0), ("aten::copy_", 1.5),
+             ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 4.0), ("mystery", 0.5)]
+    assert profile_sft.kernel_families(names) == {
+        "attention": 3.0, "matrix multiplies": 5.0, "communication": 1.0, "optimizer (multi-tensor)": 4.0,
+        "compiled elementwise (Triton)": 2.0, "copies and casts": 1.5, "reductions, norms, softmax, loss": 0.0,
+        "indexing and gathers": 0.0, "data loading (host)": 0.0, "other elementwise": 0.0, "other": 0.5}
     assert json.loads(trace.read_text())["traceEvents"]
     assert torch.optim.lr_scheduler.LambdaLR.step.__name__ == "step"  # the scheduler is given back unpatched
 
