@@ -912,9 +912,10 @@ def vllm_takes_request_media_kwargs_untrusted():
 def vllm_server_command(cfg, max_media=(1, 0)):
     """The command that starts a server this run can use (printed when none answers; the tests run it), in the
     environment vllm_server_env gives: with vLLM's LoRA for a LoRA run on this machine, with an NCCL weight-transfer
-    engine for a server elsewhere, trusting a request's media_io_kwargs where prompts have videos."""
+    engine for a server elsewhere, trusting a request's media_io_kwargs and chat template where prompts have videos."""
     local = vllm_server_local(cfg)
-    videos = max_media[1] > 0 and not vllm_takes_request_media_kwargs_untrusted()
+    videos = max_media[1] > 0
+    media_kwargs_flag = videos and not vllm_takes_request_media_kwargs_untrusted()
     lora_rank = next(r for r in LORA_RANKS if r >= cfg.lora_rank)
     return ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", data.resolve_model(cfg.model),
             "--host", cfg.vllm_server_host, "--port", str(cfg.vllm_server_port), "--seed", str(cfg.seed),
@@ -923,7 +924,8 @@ def vllm_server_command(cfg, max_media=(1, 0)):
             "--logprobs-mode", "processed_logprobs", "--mm-processor-kwargs", json.dumps(VLLM_PROCESSOR_KWARGS),
             *(["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(lora_rank)]
               if "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in vllm_server_env(cfg) else []),
-            *(["--trust-request-mm-kwargs"] if videos else []),
+            *(["--trust-request-mm-kwargs"] if media_kwargs_flag else []),
+            *(["--trust-request-chat-template"] if videos else []),  # (Qwen3-VL's, in vllm_server_rollout)
             *([] if local else ["--weight-transfer-config", json.dumps({"backend": "nccl"})])]
 
 
@@ -992,11 +994,11 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
 
     if any(len(s.videos) > 1 for s in samples):  # (the frames' indices and fps go per request, not per video)
         raise NotImplementedError("--vllm_mode server: a prompt with more than one video (use --vllm_mode colocate)")
-    if encoder.model_type == "qwen3_vl" and any(s.videos for s in samples):
-        # vLLM's chat path keeps the video's own <|vision_start|>...<|vision_end|> around the frames' timestamps and
-        # pairs, which transformers, data.py and colocate's vllm_prompt replace: two prompt tokens the trainer never sees
-        raise NotImplementedError("--vllm_mode server: Qwen3-VL prompts with videos (vLLM's server wraps the frames in "
-                                  "two vision tokens more than training does; use --vllm_mode colocate)")
+    # Qwen3-VL: vLLM's processor puts a video's per-frame timestamps and vision pairs inside the chat template's
+    # <|vision_start|><|video_pad|><|vision_end|>, which transformers (and data.py) replace; so a request with a video
+    # brings the model's own template with a bare <|video_pad|> there, as colocate's vllm_prompt sends its tokens
+    video_template = encoder.tokenizer.chat_template.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>") \
+        if encoder.model_type == "qwen3_vl" else None
 
     def png(image):  # -> base64 of a lossless PNG
         buffer = io.BytesIO()
@@ -1029,7 +1031,8 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
             bodies.append({"model": model_name, "messages": messages, "max_tokens": cfg.max_completion_length,
                            "stop_token_ids": stop_tokens(encoder), "bad_words": VLLM_SUPPRESSED, "logprobs": True,
                            "top_logprobs": 0, "return_token_ids": True,
-                           **({"media_io_kwargs": video_kwargs} if video_kwargs else {}), **sampling})
+                           **({"media_io_kwargs": video_kwargs} if video_kwargs else {}),
+                           **({"chat_template": video_template} if video_kwargs and video_template else {}), **sampling})
     with ThreadPoolExecutor(max_workers=min(len(bodies), 64)) as pool:
         replies = list(pool.map(lambda body: vllm_server_request(cfg, "/v1/chat/completions", body), bodies))
     completion_ids, vllm_logprobs = [], []

@@ -468,20 +468,34 @@ def test_server_rollouts_equal_colocate(engines, prompts, server):
     assert sampled == train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, seeds=seeds)[0] and sampled != got[:1] * len(got)
 
 
-def test_server_refuses_what_it_cannot_send_as_training_sees_it(prompts, media):
-    """Before any request: Qwen3-VL videos (vLLM's chat path wraps the frames in two vision tokens more than
-    training's prompt has: seen with the tiny Qwen3-VL, 63 tokens against 61) and two videos in one prompt (the
-    frames' indices and fps go per request)."""
-    cfg = config("tiny-qwen3-vl", vllm_mode="server")
-    video = dataclasses.replace(prompts[0], images=[], videos=[media["video.avi"]],
-                                messages=[{"role": "user", "content": "<video>What is it?"}])
-    for model_name, sample, refused in [("tiny-qwen3-vl", video, "Qwen3-VL prompts with videos"),
-                                        ("tiny-qwen2.5-vl", dataclasses.replace(video, videos=[media["video.avi"]] * 2,
-                                                                                messages=[{"role": "user", "content": "<video><video>?"}]),
-                                         "more than one video")]:
-        encoder = data.Encoder(data.resolve_model(model_name))
-        with pytest.raises(NotImplementedError, match=refused):
-            train_grpo.vllm_server_rollout("absent", encoder, [sample], None, cfg, greedy=True)
+@pytest.mark.skipif(not importlib.util.find_spec("decord"), reason="data.py reads videos with decord")
+def test_server_sends_qwen3_vl_videos_as_colocate_does(engines, prompts):
+    """Qwen3-VL writes a timestamp and a vision pair per frame pair into the prompt, from the frames' indices and fps:
+    a server of the tiny Qwen3-VL, started with room for a video (so trusting a request's media_io_kwargs and chat
+    template), gets the video prompt's tokens (checked inside: without the template sent, vLLM's has two vision
+    tokens more, 63 against 61) and gives the greedy completions of the in-process engine and the built-in rollout."""
+    cfg, process = start_server(config("tiny-qwen3-vl"), "qwen3-video", max_media=(1, 1))
+    try:
+        videos = [s for s in prompts if s.videos]
+        encoder = data.Encoder(data.resolve_model(cfg.model))
+        encoded = [encoder(s, **train_grpo.PROMPT) for s in videos]
+        model = train_grpo.load_model(config(cfg.model), CPU, False)[0]
+        expected = train_grpo.rollout(model, encoder, videos, cfg, CPU, greedy=True, prompts=encoded)[0]
+        llm = engines("tiny-qwen3-vl")
+        sync_base(llm, "tiny-qwen3-vl")
+        assert train_grpo.vllm_server_rollout(cfg.served_model, encoder, videos, encoded, cfg, greedy=True)[0] == expected
+        assert train_grpo.vllm_rollout(llm, encoder, videos, encoded, cfg, greedy=True)[0] == expected
+    finally:
+        stop_server(process)
+
+
+def test_server_refuses_two_videos_in_a_prompt(prompts, media):
+    """Before any request: the frames' indices and fps go per request, so one video a prompt."""
+    cfg = config("tiny-qwen2.5-vl", vllm_mode="server")
+    two = dataclasses.replace(prompts[0], images=[], videos=[media["video.avi"]] * 2,
+                              messages=[{"role": "user", "content": "<video><video>What is it?"}])
+    with pytest.raises(NotImplementedError, match="more than one video"):
+        train_grpo.vllm_server_rollout("absent", data.Encoder(data.resolve_model(cfg.model)), [two], None, cfg, greedy=True)
 
 
 def test_server_errors_name_the_server(server):
@@ -497,9 +511,9 @@ def test_server_errors_name_the_server(server):
     remote = dataclasses.replace(cfg, vllm_server_host="192.0.2.1")  # elsewhere: NCCL (TEST-NET-1: no such host here)
     assert not train_grpo.vllm_server_local(remote) and "--weight-transfer-config" in train_grpo.vllm_server_command(remote)
     assert "--weight-transfer-config" not in train_grpo.vllm_server_command(cfg) and train_grpo.vllm_server_local(cfg)
-    # a request's media_io_kwargs (a video's frames) are refused by vLLM 0.32 unless the server trusts them
-    assert "--trust-request-mm-kwargs" in train_grpo.vllm_server_command(cfg, (1, 1))
-    assert "--trust-request-mm-kwargs" not in train_grpo.vllm_server_command(cfg, (1, 0))
+    # a request's media_io_kwargs (a video's frames) and chat template (Qwen3-VL's) need a server that trusts them
+    for flag in ("--trust-request-mm-kwargs", "--trust-request-chat-template"):
+        assert flag in train_grpo.vllm_server_command(cfg, (1, 1)) and flag not in train_grpo.vllm_server_command(cfg, (1, 0))
 
 
 # a short server-mode run: 2 prompts x 4 completions a step, a high learning rate (the policy moves fast: a step whose
