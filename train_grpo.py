@@ -983,8 +983,9 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
     them), the sample's messages with its media as vllm_prompt prepares them, in data URLs: images as PNGs, a video as
     its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
     its own format, so nothing is lost) with their indices and fps in the request's media_io_kwargs. The server's chat
-    template is the model folder's, as the encoder's, and its prompt token ids are checked against the encoder's.
-    -> as vllm_rollout."""
+    template is the model folder's, as the encoder's (Qwen3-VL with a video: sent with the request, below), and its
+    prompt token ids are checked against the encoder's. Each request carries its prompt's media (PNG frames of a long
+    video are megabytes; the server's multimodal cache spares their processing, not their transfer). -> as vllm_rollout."""
     import base64
     import io
     import re
