@@ -91,6 +91,8 @@ class Config:
     vllm_server_host: str = "127.0.0.1"  # server mode: where the vLLM server listens
     vllm_server_port: int = 8000
     vllm_server_timeout: float = 240.0  # seconds to wait for the server at start (a 7B model takes ~2 min to come up)
+    vllm_server_weight_transfer: str = "auto"  # auto: through /dev/shm to a server on this machine, NCCL elsewhere |
+    # nccl: NCCL to a server on this machine too (on another GPU: NCCL cannot join two processes on one GPU)
     async_generate: bool = False  # server mode: the next step's rollout is generated while this step trains (one step
     # off-policy: the completions a step trains on come from the weights of the step before; see train)
     vllm_importance_sampling_correction: bool = False  # weight each token by min(exp(trainer_old - vllm), cap) (TIS)
@@ -207,7 +209,8 @@ def parse_config(argv=None, config_class=Config):
                "advantage_estimator": ("grpo", "rloo", "reinforce_plus_plus"),
                "importance_sampling_level": ("token", "sequence"), "train_type": ("full", "lora"),
                "reward_error": ("raise", "skip"), "master_dtype": ("float32", "bfloat16"),
-               "vllm_mode": ("colocate", "server"), "vllm_lora_sync": ("adapter", "merged"), "sleep_level": (0, 1, 2)}
+               "vllm_mode": ("colocate", "server"), "vllm_lora_sync": ("adapter", "merged"), "sleep_level": (0, 1, 2),
+               "vllm_server_weight_transfer": ("auto", "nccl")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
@@ -885,10 +888,15 @@ def vllm_server_local(cfg):
         return False
 
 
+def vllm_server_shm(cfg):
+    """Whether the weights reach the server through this machine's /dev/shm (else over NCCL from process 0)."""
+    return cfg.vllm_server_weight_transfer == "auto" and vllm_server_local(cfg)
+
+
 def vllm_server_env(cfg):
     """The environment the server needs: its development endpoints (weight updates, cache resets); a LoRA adapter
     loaded at run time (LoRA runs on this machine: the adapter folder must be readable by the server)."""
-    adapter = cfg.train_type == "lora" and cfg.vllm_lora_sync == "adapter" and vllm_server_local(cfg)
+    adapter = cfg.train_type == "lora" and cfg.vllm_lora_sync == "adapter" and vllm_server_shm(cfg)
     return {"VLLM_SERVER_DEV_MODE": "1", **({"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if adapter else {})}
 
 
@@ -913,7 +921,7 @@ def vllm_server_command(cfg, max_media=(1, 0)):
     """The command that starts a server this run can use (printed when none answers; the tests run it), in the
     environment vllm_server_env gives: with vLLM's LoRA for a LoRA run on this machine, with an NCCL weight-transfer
     engine for a server elsewhere, trusting a request's media_io_kwargs and chat template where prompts have videos."""
-    local = vllm_server_local(cfg)
+    shm = vllm_server_shm(cfg)
     videos = max_media[1] > 0
     media_kwargs_flag = videos and not vllm_takes_request_media_kwargs_untrusted()
     lora_rank = next(r for r in LORA_RANKS if r >= cfg.lora_rank)
@@ -926,7 +934,7 @@ def vllm_server_command(cfg, max_media=(1, 0)):
               if "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in vllm_server_env(cfg) else []),
             *(["--trust-request-mm-kwargs"] if media_kwargs_flag else []),
             *(["--trust-request-chat-template"] if videos else []),  # (Qwen3-VL's, in vllm_server_rollout)
-            *([] if local else ["--weight-transfer-config", json.dumps({"backend": "nccl"})])]
+            *([] if shm else ["--weight-transfer-config", json.dumps({"backend": "nccl"})])]
 
 
 VLLM_SERVER_RETRIES = 5  # tries of a request before the run stops: 1 + 2 + 4 + 8 s of backoff
@@ -1166,7 +1174,7 @@ def start_vllm(cfg, device, rank, samples, resumed, model, optimizer):
     max_media = (max(len(s.images) for s in samples) + cfg.max_turns - 1, max(len(s.videos) for s in samples))
     vllm = SimpleNamespace(llm=None, lora_request=None, model_name=None, communicator=None, sleeping=set(),
                            synced_step=None if resumed else 0,  # a resumed policy is not the checkpoint vLLM loaded
-                           local=False, run_id=None, lora_name=None, weights_root=None,  # (server mode)
+                           shm=False, run_id=None, lora_name=None, weights_root=None,  # (server mode)
                            ahead=None, pool=None)  # (--async_generate)
     if cfg.vllm_mode == "colocate":
         if device.type == "cpu":  # vLLM's CPU worker pins its own threads: more here and both crawl (~50x)
@@ -1179,12 +1187,13 @@ def start_vllm(cfg, device, rank, samples, resumed, model, optimizer):
             vllm.synced_step = None if cfg.sleep_level == 2 else vllm.synced_step  # (level 2 dropped the weights)
             move_training_state(model, optimizer, cfg, device)
     else:
-        vllm.local = vllm_server_local(cfg)
-        if device.type != "cuda" and not vllm.local:
-            raise SystemExit(f"--vllm_server_host {cfg.vllm_server_host}: the weights reach a server on another "
-                             f"machine over NCCL, which needs GPUs; on CPU run the server on this machine (127.0.0.1)")
+        vllm.shm = vllm_server_shm(cfg)
+        if device.type != "cuda" and not vllm.shm:
+            raise SystemExit(f"--vllm_server_host {cfg.vllm_server_host} --vllm_server_weight_transfer "
+                             f"{cfg.vllm_server_weight_transfer}: the weights would go over NCCL, which needs GPUs; on "
+                             f"CPU run the server on this machine (127.0.0.1) with --vllm_server_weight_transfer auto")
         vllm.model_name = vllm_server_wait(cfg, max_media)
-        vllm.communicator = vllm_server_weight_group(cfg, device) if rank == 0 and not vllm.local else None
+        vllm.communicator = vllm_server_weight_group(cfg, device) if rank == 0 and not vllm.shm else None
         # the LoRA adapters' names on the server carry process 0's id, so that every process asks for the same one
         vllm.run_id = gather_lists({"id": [f"{os.getpid()}-{time.time_ns()}"]}, dist.is_initialized())["id"][0]
         vllm.synced_step = None  # the server may hold another run's weights: the first step sends this policy's
@@ -1200,7 +1209,7 @@ def sync_vllm(run):
     vllm.synced_step = run.state["step"]
     if cfg.vllm_mode == "server":
         with server_errors(run):
-            if vllm.local:
+            if vllm.shm:
                 dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32  # (the server's)
                 vllm_server_sync_local(vllm, run.model, cfg, run.rank, run.state["step"], dtype)
             else:

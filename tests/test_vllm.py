@@ -498,7 +498,7 @@ def test_server_refuses_two_videos_in_a_prompt(prompts, media):
         train_grpo.vllm_server_rollout("absent", data.Encoder(data.resolve_model(cfg.model)), [two], None, cfg, greedy=True)
 
 
-def test_server_errors_name_the_server(server):
+def test_server_errors_name_the_server(server, prompts):
     """No server at the address: the run stops at once with the command (and environment) that starts one. (A server
     that stops answering mid-run: test_server_stopped_mid_run_says_where_to_resume.)"""
     cfg, _ = server
@@ -511,6 +511,13 @@ def test_server_errors_name_the_server(server):
     remote = dataclasses.replace(cfg, vllm_server_host="192.0.2.1")  # elsewhere: NCCL (TEST-NET-1: no such host here)
     assert not train_grpo.vllm_server_local(remote) and "--weight-transfer-config" in train_grpo.vllm_server_command(remote)
     assert "--weight-transfer-config" not in train_grpo.vllm_server_command(cfg) and train_grpo.vllm_server_local(cfg)
+    # NCCL to a server on this machine (another GPU), when asked: the command's transfer engine, LoRA sent merged; on
+    # CPU the run stops before it waits for a server
+    nccl = dataclasses.replace(lora, vllm_server_weight_transfer="nccl")
+    assert "--weight-transfer-config" in train_grpo.vllm_server_command(nccl) and not train_grpo.vllm_server_shm(nccl)
+    assert "--enable-lora" not in train_grpo.vllm_server_command(nccl) and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in train_grpo.vllm_server_env(nccl)
+    with pytest.raises(SystemExit, match="would go over NCCL, which needs GPUs"):
+        train_grpo.start_vllm(nccl, CPU, 0, prompts, False, None, None)
     # a request's media_io_kwargs (a video's frames) and chat template (Qwen3-VL's) need a server that trusts them
     for flag in ("--trust-request-mm-kwargs", "--trust-request-chat-template"):
         assert flag in train_grpo.vllm_server_command(cfg, (1, 1)) and flag not in train_grpo.vllm_server_command(cfg, (1, 0))
