@@ -620,10 +620,17 @@ def bench_dpo(args, work):
                                     2 * args.pairs_per_step * args.reply_tokens)  # the replies are labelled
     name = (f"DPO {args.train_type}, {args.shape}, {args.pairs_per_step} pairs x 2 x ({args.prompt_tokens} prompt + "
             f"{args.reply_tokens} reply) tokens")
-    steps = run_script("train_dpo.py", model_dir, pair_file, os.path.join(work, "out-dpo"), args.steps, args.warmup, flags)
-    harmonic = lambda key: len(steps) / sum(1 / m[key] for m in steps)  # the same work every step: the harmonic mean
-    results = [(name, "this repo (train_dpo.py)", {"pairs_per_s": harmonic("pairs_per_s"), "peak_gib": logged_peak(steps),
-                                                   "tokens_per_s": harmonic("tokens_per_s"), "flops_per_token": flops})]
+
+    def ours(out_dir, extra_flags):
+        steps = run_script("train_dpo.py", model_dir, pair_file, out_dir, args.steps, args.warmup, flags + extra_flags)
+        harmonic = lambda key: len(steps) / sum(1 / m[key] for m in steps)  # the same work every step: the harmonic mean
+        return {"pairs_per_s": harmonic("pairs_per_s"), "peak_gib": logged_peak(steps),
+                "tokens_per_s": harmonic("tokens_per_s"), "flops_per_token": flops}
+
+    results = [(name, "this repo (train_dpo.py)", ours(os.path.join(work, "out-dpo"), []))]
+    run_rows(results, name, args.fast,
+             {fast: lambda i=i, fast=fast: ours(os.path.join(work, f"out-dpo-fast{i}"), fast.split()) for i, fast in enumerate(args.fast)},
+             {fast: f"this repo, {fast}" for fast in args.fast})
     run_rows(results, name, args.against,
             {"trl": lambda: {**run_trl_dpo(model_dir, pairs, args.steps, args.warmup, lora, args.pairs_per_step,
                                            tokens_per_pair, args.beta, learning_rate), "flops_per_token": flops}},
@@ -775,6 +782,8 @@ def main(argv=None):
     d.add_argument("--reply_tokens", type=int, default=512, help="per reply, its <|im_end|> and newline included")
     d.add_argument("--pairs_per_step", type=int, default=8)
     d.add_argument("--beta", type=float, default=0.1)
+    d.add_argument("--fast", action="append", default=[], help="also time train_dpo.py with these flags (one string, "
+                   "after an =; give it again for another row), e.g. --fast='--fp8 true'")
     g = workload("grpo", "GRPO step time and its split, against TRL's GRPOTrainer", "lora", 5, 2, ["trl", "trl-vllm"])
     g.set_defaults(against=["trl"])  # (trl-vllm: on a machine with vLLM)
     g.add_argument("--rollouts", nargs="*", default=["builtin"], choices=["builtin", "vllm", "vllm-merged", "vllm-async"],

@@ -89,8 +89,8 @@ def test_flops_count_vision_patches_and_labelled_tokens_of_the_head():
 def test_dpo(capsys, tmp_path):
     prompt_tokens, reply_tokens = 48, 16
     rows = table(capsys, ["dpo"] + SMALL + ["--prompt_tokens", str(prompt_tokens), "--reply_tokens", str(reply_tokens),
-                                            "--pairs_per_step", "2"], tmp_path)
-    check(rows, ["pairs/s per GPU", "tokens/s per GPU"], "this repo (train_dpo.py)", ["TRL DPOTrainer"])
+                                            "--pairs_per_step", "2", "--fast=--fp8 true"], tmp_path)
+    check(rows, ["pairs/s per GPU", "tokens/s per GPU"], "this repo (train_dpo.py)", ["this repo, --fp8 true", "TRL DPOTrainer"])
     # train_dpo.py counts the tokens it trained on: the planned 2 x (prompt + reply) per pair
     ours = rows["this repo (train_dpo.py)"]
     assert number(ours["tokens/s per GPU"]) / number(ours["pairs/s per GPU"]) == pytest.approx(
