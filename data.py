@@ -1074,7 +1074,13 @@ def build_tiny_model(name, out_dir, seed=0):
     image_processor = Qwen2VLImageProcessorPil(patch_size=patch_size, min_pixels=(2 * patch_size) ** 2 * 4,
                                                max_pixels=128 * 128, image_processor_type="Qwen2VLImageProcessor")
     tmp = out_dir + ".tmp"
+    # under torch.distributed, transformers writes a model's files on rank 0 only; each builder writes its own copy
+    # (resolve_model: the first to finish renames it into place, and that may be any rank)
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
+    if not os.path.exists(os.path.join(tmp, "model.safetensors")):
+        raise RuntimeError(f"transformers wrote no weights for the tiny model in {tmp} (run it in one process first: "
+                           f"python -c \"import data; data.resolve_model('{name}')\")")
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
     processor_class = "Qwen3VLProcessor" if name == "tiny-qwen3-vl" else "Qwen2_5_VLProcessor"

@@ -81,7 +81,7 @@ class Config:
     vllm_mode: str = "colocate"  # colocate: an engine inside each training process, on its GPU | server: a vLLM server
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the share of the GPU the engine takes (its weights + KV cache)
     vllm_max_model_len: int | None = None  # prompt + completion tokens a sequence may hold (default: max_length + max_completion_length)
-    vllm_tensor_parallel_size: int = 1  # colocate: GPUs that share one engine (only 1 so far: one engine per GPU)
+    vllm_tensor_parallel_size: int = 1  # colocate: processes (GPUs) that share one engine, for a model too big for one GPU
     vllm_enable_prefix_caching: bool = True  # a prompt's num_generations requests share its KV cache and image encoding
     vllm_lora_sync: str = "adapter"  # LoRA: adapter (vLLM's LoRA, only the adapter is sent) | merged (W + scale B A sent as weights)
     sleep_level: int = 0  # colocate on GPU, while training: 0 the engine keeps its memory | 1 KV cache freed, weights backed up
@@ -237,6 +237,11 @@ def parse_config(argv=None, config_class=Config):
     if cfg.async_generate and cfg.dynamic_sample:
         raise SystemExit("--async_generate with --dynamic_sample: a step's extra rounds of prompts depend on the rewards "
                          "of its first round, so they cannot be requested a step ahead; use one of the two")
+    world_size, tp = int(os.environ.get("WORLD_SIZE", 1)), cfg.vllm_tensor_parallel_size
+    if cfg.use_vllm and cfg.vllm_mode == "colocate" and (tp < 1 or world_size % tp):
+        raise SystemExit(f"--vllm_tensor_parallel_size {tp}: in colocate mode each engine spans {tp} training processes, "
+                         f"so their number must be a multiple of it (this run has {world_size}: torchrun --nproc_per_node "
+                         f"{max(tp, 1)} or more)")
     if (cfg.offload_model or cfg.offload_optimizer) and not (cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.sleep_level):
         raise SystemExit("--offload_model / --offload_optimizer give vLLM's colocated engine the training state's GPU memory "
                          "while it generates, and take it back while the engine sleeps: they need --use_vllm true "
@@ -655,10 +660,6 @@ def vllm_engine(cfg, device, max_media=(1, 0)):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    if cfg.vllm_tensor_parallel_size > 1:  # the processes of a TP group would each have to send the same prompts
-        raise SystemExit("--vllm_tensor_parallel_size > 1 in colocate mode is not supported yet: use 1 (one engine per "
-                         "GPU) or --vllm_mode server")
-
     on_gpu = device.type == "cuda"
     lora_adapter = cfg.train_type == "lora" and cfg.vllm_lora_sync == "adapter"
     kwargs = {}
@@ -667,7 +668,8 @@ def vllm_engine(cfg, device, max_media=(1, 0)):
     if lora_adapter:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= cfg.lora_rank))
     return LLM(model=data.resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code,
-               dtype=torch.bfloat16 if on_gpu else torch.float32, seed=cfg.seed,
+               # --vllm_tensor_parallel_size consecutive processes hold one engine's shards (vllm_group_rollout)
+               tensor_parallel_size=cfg.vllm_tensor_parallel_size, dtype=torch.bfloat16 if on_gpu else torch.float32, seed=cfg.seed,
                max_model_len=cfg.vllm_max_model_len or cfg.max_length + cfg.max_completion_length,
                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                enable_prefix_caching=cfg.vllm_enable_prefix_caching,
@@ -748,6 +750,22 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
         vllm_logprobs.append([step[t].logprob for t, step in zip(completion.token_ids, completion.logprobs)])
     texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     return completion_ids, texts, vllm_logprobs
+
+
+def vllm_group_rollout(vllm, encoder, samples, prompts, cfg, seeds=None, greedy=False):
+    """vllm_rollout on the engine this process shares with the others of its tensor-parallel group
+    (--vllm_tensor_parallel_size): vLLM's external launcher runs the same requests on every process of a group, so
+    each process sends the group's prompts, in rank order, and keeps the completions of its own."""
+    if vllm.tp_group is None:
+        return vllm_rollout(vllm.llm, encoder, samples, prompts, cfg, seeds, greedy, vllm.lora_request)
+    prompts = prompts or [encoder(s, **PROMPT) for s in samples]
+    parts = [None] * dist.get_world_size(vllm.tp_group)
+    dist.all_gather_object(parts, (samples, [{"input_ids": p["input_ids"]} for p in prompts], seeds), group=vllm.tp_group)
+    outputs = vllm_rollout(vllm.llm, encoder, [s for part in parts for s in part[0]], [p for part in parts for p in part[1]],
+                           cfg, None if greedy else [x for part in parts for x in part[2]], greedy, vllm.lora_request)
+    per_prompt = 1 if greedy else cfg.num_generations
+    start = per_prompt * sum(len(part[0]) for part in parts[: dist.get_group_rank(vllm.tp_group, dist.get_rank())])
+    return tuple(output[start : start + per_prompt * len(samples)] for output in outputs)
 
 
 def vllm_logps(vllm_logprobs, mask):
@@ -1172,7 +1190,7 @@ def start_vllm(cfg, device, rank, samples, resumed, model, optimizer):
     one more image per tool turn). With --offload_model / --offload_optimizer the engine starts while the training
     state is on CPU (vLLM takes its share of what is free then) and sleeps before it comes back."""
     max_media = (max(len(s.images) for s in samples) + cfg.max_turns - 1, max(len(s.videos) for s in samples))
-    vllm = SimpleNamespace(llm=None, lora_request=None, model_name=None, communicator=None, sleeping=set(),
+    vllm = SimpleNamespace(llm=None, lora_request=None, tp_group=None, model_name=None, communicator=None, sleeping=set(),
                            synced_step=None if resumed else 0,  # a resumed policy is not the checkpoint vLLM loaded
                            shm=False, run_id=None, lora_name=None, weights_root=None,  # (server mode)
                            ahead=None, pool=None)  # (--async_generate)
@@ -1180,6 +1198,10 @@ def start_vllm(cfg, device, rank, samples, resumed, model, optimizer):
         if device.type == "cpu":  # vLLM's CPU worker pins its own threads: more here and both crawl (~50x)
             torch.set_num_threads(1)
         move_training_state(model, optimizer, cfg, torch.device("cpu"))
+        tp = cfg.vllm_tensor_parallel_size
+        if tp > 1:  # the processes that share an engine, as vLLM groups them (every process creates every group)
+            world_size = dist.get_world_size()
+            vllm.tp_group, _ = dist.new_subgroups_by_enumeration([list(range(r, r + tp)) for r in range(0, world_size, tp)])
         vllm.llm = vllm_engine(cfg, device, max_media)
         if cfg.offload_model or cfg.offload_optimizer:
             vllm_sleep(vllm.llm, cfg)
@@ -1251,7 +1273,7 @@ def generate_completions(run, samples, prompts, seeds, num_generations=None):
         return (*rollout(run.model, run.encoder, samples, cfg, run.device, prompts=prompts, seeds=seeds), None)
     if cfg.vllm_mode == "server":
         return vllm_server_rollout(vllm.lora_name or vllm.model_name, run.encoder, samples, prompts, cfg, seeds)
-    return vllm_rollout(vllm.llm, run.encoder, samples, prompts, cfg, seeds, lora_request=vllm.lora_request)
+    return vllm_group_rollout(vllm, run.encoder, samples, prompts, cfg, seeds)
 
 
 def eval_generator(run):
@@ -1264,8 +1286,7 @@ def eval_generator(run):
     sync_vllm(run)
     if vllm.llm:
         wake_vllm(run)
-        return lambda samples, prompts: vllm_rollout(vllm.llm, run.encoder, samples, prompts, cfg, greedy=True,
-                                                     lora_request=vllm.lora_request)[:2]
+        return lambda samples, prompts: vllm_group_rollout(vllm, run.encoder, samples, prompts, cfg, greedy=True)[:2]
 
     def from_server(samples, prompts):
         with server_errors(run):

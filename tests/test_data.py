@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import IMAGE_SIZES, noise_image
+from conftest import IMAGE_SIZES, noise_image, run_torchrun
 
 IGNORE = data.IGNORE
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,6 +260,24 @@ def test_packed_row_is_block_diagonal(tiny_model_path, encoders, media):
 
 
 # ----------------------------------------------------------------------------- 2. vision tokens == transformers
+
+
+def test_tiny_model_built_under_torchrun_is_complete(tmp_path):
+    """`torchrun ... train_x.py` on a fresh machine builds the tiny model in every process after the process group
+    is up; transformers then writes a model on rank 0 only, and the first process to finish renames its copy into
+    place: every process must find the weights and config there (rank 1's copy had none before)."""
+    script = tmp_path / "build.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {REPO!r})\nimport torch.distributed as dist\nimport data\n"
+                      "dist.init_process_group('gloo')\npath = data.resolve_model('tiny-qwen2.5-vl')\n"
+                      "print(dist.get_rank(), sorted(os.listdir(path)))\n")
+    env = {**os.environ, "TINY_MODEL_DIR": str(tmp_path / "models"), "OMP_NUM_THREADS": "1"}
+    p = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                     tmp_path / "models", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    listings = [line for line in p.stdout.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert len(listings) == 2
+    for line in listings:
+        assert "'config.json'" in line and "'model.safetensors'" in line, line
 
 
 def test_smart_resize_equals_transformers():

@@ -629,6 +629,19 @@ def test_bf16_master_weights_learn_like_fp32_and_are_saved_in_bf16(tmp_path):
         train_grpo.parse_config(["--master_dtype", "fp16"])
 
 
+def test_vllm_tensor_parallel_needs_a_multiple_of_its_processes(monkeypatch):
+    """colocate with --vllm_tensor_parallel_size N: an engine spans N training processes, so a run of a number of
+    processes that N does not divide is refused before anything loads; server mode leaves it to the server."""
+    flags = ["--use_vllm", "true", "--vllm_tensor_parallel_size", "2"]
+    for world_size in ("1", "3"):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        with pytest.raises(SystemExit, match=f"must be a multiple of it \\(this run has {world_size}"):
+            train_grpo.parse_config(flags)
+    assert train_grpo.parse_config(flags + ["--vllm_mode", "server"]).vllm_tensor_parallel_size == 2
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train_grpo.parse_config(flags).vllm_tensor_parallel_size == 2
+
+
 @pytest.mark.parametrize("flags", [[], ["--use_vllm", "true"], ["--use_vllm", "true", "--vllm_mode", "server", "--sleep_level", "1"]])
 def test_offload_needs_a_sleeping_colocated_engine(flags):
     """--offload_model / --offload_optimizer hand the training state's GPU memory to a colocated vLLM engine while it

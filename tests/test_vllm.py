@@ -762,27 +762,33 @@ def test_chord_with_vllm_runs(tmp_path):
 
 
 def test_two_processes_with_vllm_match_one(tmp_path):
-    """Colocate under torchrun (vLLM's external_launcher, an engine per process): 2 CPU processes give the rewards,
-    losses and gradient norms of 1 process with the same global batch, since each completion's vLLM request has its
-    own seed whichever process sends it; the weights reach both engines (vllm_logprob_diff equal too)."""
+    """Colocate under torchrun (vLLM's external_launcher): 2 CPU processes, each with its own engine or sharing one
+    (--vllm_tensor_parallel_size 2: each sends both processes' prompts and keeps its own completions), give the
+    rewards, losses and gradient norms of 1 process with the same global batch, since each completion's vLLM request
+    has its own seed whichever process sends it; the weights reach the engines (vllm_logprob_diff equal too)."""
     plugin = tmp_path / "distinct.py"
     plugin.write_text("def distinct(completions, **kwargs):\n    return [len(set(c)) / 10 for c in completions]\n")
     args = ["--dataset", "demo#8", "--val_dataset", "demo#2", "--num_workers", "0", "--num_generations", "4",
             "--max_completion_length", "6", "--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--use_vllm",
             "true", "--reward_plugin", str(plugin), "--reward_funcs", "distinct", "--learning_rate", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = tmp_path / "two"
-    p = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_grpo.py", *args,
-                      "--per_device_train_batch_size", "4", "--output_dir", str(two)], two, cwd=ROOT, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
     subprocess.run([sys.executable, "train_grpo.py", *args, "--per_device_train_batch_size", "8", "--output_dir",
                     str(tmp_path / "one")], cwd=ROOT, check=True, env=env)
-    runs = [[json.loads(line) for line in open(d / "metrics.jsonl") if '"loss"' in line] for d in (two, tmp_path / "one")]
-    assert len(runs[0]) == len(runs[1]) == 3
-    for a, b in zip(*runs):
-        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-        assert a["vllm_logprob_diff"] == pytest.approx(b["vllm_logprob_diff"], rel=1e-3)
+    one = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl") if '"loss"' in line]
+    assert len(one) == 3
+    for tensor_parallel in ("1", "2"):
+        two = tmp_path / f"two-tp{tensor_parallel}"
+        p = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_grpo.py", *args,
+                          "--per_device_train_batch_size", "4", "--vllm_tensor_parallel_size", tensor_parallel,
+                          "--output_dir", str(two)], two, cwd=ROOT, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        steps = [json.loads(line) for line in open(two / "metrics.jsonl") if '"loss"' in line]
+        assert len(steps) == 3
+        for a, b in zip(steps, one):
+            assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+            assert a["vllm_logprob_diff"] == pytest.approx(b["vllm_logprob_diff"], rel=1e-3)
 
 
 def test_bench_grpo_times_vllm_rollouts(capsys, tmp_path):
