@@ -711,7 +711,7 @@ def test_eval_generator_syncs_the_policy_then_generates_with_the_engine(engines,
     perturb(model, 3)
     encoder = data.Encoder(data.resolve_model("tiny-qwen2.5-vl"))
     encoded = [encoder(s, **train_grpo.PROMPT) for s in prompts]
-    vllm = types.SimpleNamespace(llm=llm, synced_step=4, sleeping=set(), lora_request=None, lora_name=None, model_name=None)
+    vllm = types.SimpleNamespace(llm=llm, synced_step=4, sleeping=set(), lora_request=None, tp_group=None, lora_name=None, model_name=None)
     run = types.SimpleNamespace(cfg=cfg, model=model, optimizer=None, encoder=encoder, state={"step": 5}, device=CPU, vllm=vllm)
     generate = train_grpo.eval_generator(run)
     assert vllm.synced_step == 5
