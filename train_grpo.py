@@ -459,11 +459,14 @@ def truncated(completion_ids, encoder):
 
 def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
     """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
-    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
-    on the process or the generate call it lands in, so N processes sample what 1 does."""
-    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
-    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
-            for j in range(num_prompts) for k in range(cfg.num_generations)]
+    the prompt's index in the step's global batch) plus the completion's index in its group: a completion does not
+    depend on the process or the generate call it lands in, so N processes sample what 1 does. A prompt's completions
+    have consecutive seeds because vLLM seeds the k-th of a request's n completions with seed + k: one request per
+    prompt (vllm_rollout) samples what a request per completion would, and all are below 2**63 (vLLM's limit)."""
+    key = lambda j: f"{cfg.seed}/{step}/{round}/{first_prompt + j}".encode()
+    firsts = [int.from_bytes(hashlib.sha256(key(j)).digest()[:8], "little") % (2**63 - cfg.num_generations)
+              for j in range(num_prompts)]
+    return [first + k for first in firsts for k in range(cfg.num_generations)]
 
 
 @torch.no_grad()
@@ -716,9 +719,10 @@ def vllm_prompt(sample, prompt, encoder):
 
 @torch.no_grad()
 def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, lora_request=None):
-    """rollout() with vLLM: each prompt sample completed num_generations times (once if greedy), prompt-major, each
-    completion its own request with its own seed (vLLM's sampler, so not the built-in rollout's draws; greedy is
-    the same), ending with its stop token (kept) or cut at max_completion_length. The vision placeholders are never
+    """rollout() with vLLM: each prompt sample completed num_generations times (once if greedy), prompt-major, in one
+    request per prompt (its media processed once) whose k-th completion vLLM samples with the seed seeds[first] + k,
+    so seeds must be consecutive within a prompt (sampling_seeds: vLLM's sampler, not the built-in rollout's draws;
+    greedy is the same), each ending with its stop token (kept) or cut at max_completion_length. The vision placeholders are never
     sampled: they are vLLM bad words (a one-token bad word is set to -inf at every step, as rollout() does).
     -> (completion_ids, texts, vllm_logprobs: per completion, the log-probability of each token under the distribution
     it was drawn from)."""
@@ -727,29 +731,36 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
     prompts = prompts or [encoder(s, **PROMPT) for s in samples]
     per_prompt = 1 if greedy else cfg.num_generations
     stop = stop_tokens(encoder)
-    requests, params = [], []
-    for j, (sample, prompt) in enumerate(zip(samples, prompts)):
-        request = vllm_prompt(sample, prompt, encoder)  # one per prompt: its copies share the processed images
-        for k in range(per_prompt):
-            requests.append(request)
-            sampling = dict(temperature=0.0) if greedy else dict(
-                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-                seed=seeds[j * per_prompt + k] % 2**63)
-            params.append(SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=stop, bad_words=VLLM_SUPPRESSED,
-                                         logprobs=0, detokenize=False, **sampling))
+    params = []
+    for j in range(len(samples)):
+        sampling = dict(temperature=0.0) if greedy else dict(
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+            seed=group_seed(seeds, j, per_prompt))
+        params.append(SamplingParams(n=per_prompt, max_tokens=cfg.max_completion_length, stop_token_ids=stop,
+                                     bad_words=VLLM_SUPPRESSED, logprobs=0, detokenize=False, **sampling))
+    requests = [vllm_prompt(sample, prompt, encoder) for sample, prompt in zip(samples, prompts)]
     outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
     completion_ids, vllm_logprobs = [], []
-    for i, out in enumerate(outputs):
-        expected = prompts[i // per_prompt]["input_ids"].tolist()
-        if i % per_prompt == 0 and list(out.prompt_token_ids) != expected:
-            raise RuntimeError(f"vLLM expanded prompt {i // per_prompt} to {len(out.prompt_token_ids)} tokens, the encoder to "
+    for j, out in enumerate(outputs):
+        expected = prompts[j]["input_ids"].tolist()
+        if list(out.prompt_token_ids) != expected:
+            raise RuntimeError(f"vLLM expanded prompt {j} to {len(out.prompt_token_ids)} tokens, the encoder to "
                                f"{len(expected)} ({out.prompt_token_ids.count(encoder.image_pad)} vs "
                                f"{expected.count(encoder.image_pad)} image tokens): its processor resized the media otherwise")
-        completion = out.outputs[0]
-        completion_ids.append(list(completion.token_ids))
-        vllm_logprobs.append([step[t].logprob for t, step in zip(completion.token_ids, completion.logprobs)])
+        for completion in sorted(out.outputs, key=lambda c: c.index):
+            completion_ids.append(list(completion.token_ids))
+            vllm_logprobs.append([step[t].logprob for t, step in zip(completion.token_ids, completion.logprobs)])
     texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     return completion_ids, texts, vllm_logprobs
+
+
+def group_seed(seeds, j, per_prompt):
+    """The seed of prompt j's request, whose k-th completion vLLM samples with seed + k: its first completion's."""
+    first = seeds[j * per_prompt]
+    if seeds[j * per_prompt : (j + 1) * per_prompt] != list(range(first, first + per_prompt)) or first + per_prompt > 2**63:
+        raise ValueError(f"prompt {j}'s completion seeds {seeds[j * per_prompt : (j + 1) * per_prompt]} are not consecutive "
+                         f"numbers below 2**63 (sampling_seeds gives such)")
+    return first
 
 
 def vllm_group_rollout(vllm, encoder, samples, prompts, cfg, seeds=None, greedy=False):
@@ -1005,13 +1016,12 @@ def vllm_server_wait(cfg, max_media=(1, 0)):
 
 
 def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, greedy=False):
-    """vllm_rollout() against the server: one chat completion request per completion (sent at once: the server batches
-    them), the sample's messages with its media as vllm_prompt prepares them, in data URLs: images as PNGs, a video as
+    """vllm_rollout() against the server: one chat completion request per prompt for its n completions (sent at once:
+    the server batches them; seeds as vllm_rollout's), the sample's messages with its media as vllm_prompt prepares them, in data URLs: images as PNGs, a video as
     its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
     its own format, so nothing is lost) with their indices and fps in the request's media_io_kwargs. The server's chat
     template is the model folder's, as the encoder's (Qwen3-VL with a video: sent with the request, below), and its
-    prompt token ids are checked against the encoder's. Each request carries its prompt's media (PNG frames of a long
-    video are megabytes; the server's multimodal cache spares their processing, not their transfer). -> as vllm_rollout."""
+    prompt token ids are checked against the encoder's. -> as vllm_rollout."""
     import base64
     import io
     import re
@@ -1051,27 +1061,26 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
                 elif piece:
                     parts.append({"type": "text", "text": piece})
             messages.append({"role": m["role"], "content": parts})
-        for k in range(per_prompt):
-            sampling = {"temperature": 0.0} if greedy else {
-                "temperature": cfg.temperature, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty,
-                "seed": seeds[j * per_prompt + k] % 2**63, **({"top_k": cfg.top_k} if cfg.top_k > 0 else {})}
-            bodies.append({"model": model_name, "messages": messages, "max_tokens": cfg.max_completion_length,
-                           "stop_token_ids": stop_tokens(encoder), "bad_words": VLLM_SUPPRESSED, "logprobs": True,
-                           "top_logprobs": 0, "return_token_ids": True,
-                           **({"media_io_kwargs": video_kwargs} if video_kwargs else {}),
-                           **({"chat_template": video_template} if video_kwargs and video_template else {}), **sampling})
+        sampling = {"temperature": 0.0} if greedy else {
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty,
+            "seed": group_seed(seeds, j, per_prompt), **({"top_k": cfg.top_k} if cfg.top_k > 0 else {})}
+        bodies.append({"model": model_name, "messages": messages, "n": per_prompt, "max_tokens": cfg.max_completion_length,
+                       "stop_token_ids": stop_tokens(encoder), "bad_words": VLLM_SUPPRESSED, "logprobs": True,
+                       "top_logprobs": 0, "return_token_ids": True,
+                       **({"media_io_kwargs": video_kwargs} if video_kwargs else {}),
+                       **({"chat_template": video_template} if video_kwargs and video_template else {}), **sampling})
     with ThreadPoolExecutor(max_workers=min(len(bodies), 64)) as pool:
         replies = list(pool.map(lambda body: vllm_server_request(cfg, "/v1/chat/completions", body), bodies))
     completion_ids, vllm_logprobs = [], []
-    for i, reply in enumerate(replies):
-        expected = prompts[i // per_prompt]["input_ids"].tolist()
+    for j, reply in enumerate(replies):
+        expected = prompts[j]["input_ids"].tolist()
         if reply["prompt_token_ids"] != expected:
-            raise RuntimeError(f"the vLLM server encoded prompt {i // per_prompt} as {len(reply['prompt_token_ids'])} tokens, "
+            raise RuntimeError(f"the vLLM server encoded prompt {j} as {len(reply['prompt_token_ids'])} tokens, "
                                f"the encoder as {len(expected)}: another chat template, or a server started without "
                                f"--mm-processor-kwargs '{{\"do_resize\": false}}'")
-        choice = reply["choices"][0]
-        completion_ids.append(choice["token_ids"])
-        vllm_logprobs.append([t["logprob"] for t in choice["logprobs"]["content"]])
+        for choice in sorted(reply["choices"], key=lambda c: c["index"]):
+            completion_ids.append(choice["token_ids"])
+            vllm_logprobs.append([t["logprob"] for t in choice["logprobs"]["content"]])
     texts = [encoder.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     return completion_ids, texts, vllm_logprobs
 
@@ -1353,7 +1362,7 @@ def load_multi_turn_plugin(path):
 def turn_seed(seed, turn):
     """The sampling seed of an episode's reply at `turn` (2, 3, ...) from its first reply's (sampling_seeds): a reply
     depends neither on the process nor on the other episodes, and a resumed run samples it again."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/turn/{turn}".encode()).digest()[:8], "little")
+    return int.from_bytes(hashlib.sha256(f"{seed}/turn/{turn}".encode()).digest()[:8], "little") % 2**63  # (vLLM's limit)
 
 
 def next_prompt(prompt, reply_ids, messages, images, encoder):

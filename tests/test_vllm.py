@@ -155,6 +155,11 @@ def test_logprobs_match_the_trainer_greedy_and_sampled(engines, prompts):
     again = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, seeds=seeds)[0]
     other = train_grpo.vllm_rollout(llm, encoder, prompts[:3], encoded, cfg, seeds=[s + 1 for s in seeds])[0]
     assert again == sampled and other != sampled and len(set(map(tuple, sampled))) > 3
+    # one request of n completions a prompt (the k-th seeded seeds[first] + k) samples what a request a completion
+    # with its own seed does
+    single = dataclasses.replace(cfg, num_generations=1)
+    assert [train_grpo.vllm_rollout(llm, encoder, [prompts[i // 3]], [encoded[i // 3]], single, seeds=[seeds[i]])[0][0]
+            for i in range(9)] == sampled
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -464,7 +469,12 @@ def test_server_rollouts_equal_colocate(engines, prompts, server):
     for a, b in zip(logprobs, local_logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     seeds = list(range(7, 7 + 2 * len(prompts)))
-    sampled = train_grpo.vllm_server_rollout(cfg.served_model, encoder, prompts, encoded, cfg, seeds=seeds)[0]
+    paths = []
+    with pytest.MonkeyPatch.context() as mp:  # one request a prompt, for both its completions
+        send = train_grpo.vllm_server_request
+        mp.setattr(train_grpo, "vllm_server_request", lambda cfg, path, body=None: paths.append(path) or send(cfg, path, body))
+        sampled = train_grpo.vllm_server_rollout(cfg.served_model, encoder, prompts, encoded, cfg, seeds=seeds)[0]
+    assert paths == ["/v1/chat/completions"] * len(prompts) and len(sampled) == 2 * len(prompts)
     assert sampled == train_grpo.vllm_rollout(llm, encoder, prompts, encoded, cfg, seeds=seeds)[0] and sampled != got[:1] * len(got)
 
 
