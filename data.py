@@ -709,7 +709,58 @@ def collate(examples, packing, pad_token_id=0):
     return batch
 
 
-PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen")  # model keyword arguments of a packed batch
+def collate_pairs(chosen, rejected):
+    """DPO's packed row [1, T] with each pair's prompt once: the chosen examples as collate packs them, then for each
+    pair its rejected reply after the prompt (a "tail" from the prompt's last token, whose output predicts the reply's
+    first token), attending to its prompt's other tokens in the chosen example and then to itself
+    (varlen_attention's packed_key_index). cu_seqlens marks the 2P sequences, chosen first; the log-probabilities are
+    those of collate(chosen + rejected, packing=True), with each prompt and its images through the model once. A pair
+    whose prompts differ (truncated apart) keeps its whole rejected example as its tail."""
+    batch = collate(chosen + rejected, packing=True)  # (the layout for the sizes and keys; rebuilt below)
+    starts, tails, shared = batch["cu_seqlens"][: len(chosen)].tolist(), [], []
+    for c, r in zip(chosen, rejected):
+        first = lambda e: int((e["labels"] != IGNORE).nonzero()[0]) if (e["labels"] != IGNORE).any() else 0
+        t = first(r)
+        same = t > 0 and t == first(c) and torch.equal(c["input_ids"][: t + 1], r["input_ids"][: t + 1])
+        tails.append({k: v[t:] for k, v in r.items() if k in ("input_ids", "labels")} | {"position_ids": r["position_ids"][:, t:]}
+                     if same else r)
+        shared.append(t if same else 0)
+    batch = collate(chosen + tails, packing=True)
+    bounds = batch["cu_seqlens"].tolist()
+    keys = [torch.arange(a, b) for a, b in zip(bounds[: len(chosen)], bounds[1 : len(chosen) + 1])]
+    keys += [torch.cat([torch.arange(s, s + n), torch.arange(a, b)])
+             for s, n, a, b in zip(starts, shared, bounds[len(chosen) : -1], bounds[len(chosen) + 1 :])]
+    lengths = [len(k) for k in keys]
+    batch["packed_key_index"] = torch.cat(keys)
+    batch["packed_cu_seqlens_k"], batch["packed_max_seqlen_k"] = torch.tensor([0] + lengths).cumsum(0).int(), max(lengths)
+    return batch
+
+
+def shared_prompt_attention_error(device, prompt=7, chosen=5, rejected=4):
+    """varlen_attention on collate_pairs' layout of one pair (random queries, keys and values; 8 query heads, 2
+    key/value heads) against each of its sequences alone through SDPA -> the largest difference (bf16 on a GPU: ~1e-2;
+    a kernel whose causal mask is aligned top-left: ~1)."""
+    module, g = torch.nn.Module(), torch.Generator().manual_seed(0)
+    module.is_causal = True
+    first, dtype = prompt + chosen, torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, heads, first + rejected, 64, generator=g) for heads in (8, 2, 2))
+    # the row: prompt + chosen, then the prompt's last token and the rejected reply
+    row = lambda x: torch.cat([x[:, :, :first], x[:, :, prompt - 1 : prompt], x[:, :, first:]], 2).to(device, dtype)
+    keys = torch.cat([torch.arange(first), torch.arange(prompt - 1), torch.arange(first, first + 1 + rejected)])
+    lengths = torch.tensor([[0, first, first + 1 + rejected], [0, first, first + prompt + rejected]], dtype=torch.int32)
+    out = varlen_attention(module, row(q), row(k), row(v), None, scaling=0.125, packed_cu_seqlens=lengths[0].to(device),
+                           packed_max_seqlen=first, packed_key_index=keys.to(device),
+                           packed_cu_seqlens_k=lengths[1].to(device), packed_max_seqlen_k=first)[0][0].float().cpu()
+    alone = lambda *x: torch.nn.functional.scaled_dot_product_attention(
+        x[0], *(y.repeat_interleave(4, dim=1) for y in x[1:]), is_causal=True, scale=0.125)[0].transpose(0, 1)
+    apart = lambda x: torch.cat([x[:, :, :prompt], x[:, :, first:]], 2)  # the rejected example alone
+    expected = torch.cat([alone(q[:, :, :first], k[:, :, :first], v[:, :, :first]),
+                          alone(apart(q), apart(k), apart(v))[prompt - 1 :]])
+    return (out - expected).abs().max().item()
+
+
+# model keyword arguments of a packed batch (the key ones: collate_pairs)
+PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen", "packed_key_index", "packed_cu_seqlens_k", "packed_max_seqlen_k")
 WINDOW_KEYS = ("window_index", "cu_window_seqlens", "max_window_seqlen", "max_seqlen")  # see vision_windows
 
 
@@ -742,7 +793,8 @@ VARLEN_ATTENTION = "varlen_flash"  # "flash" in the name: Qwen's vision blocks t
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
-    training batch (packed_cu_seqlens, causal). Generation's new token attends with its query heads grouped per
+    training batch (packed_cu_seqlens, causal; with packed_key_index a sequence's keys are those positions, its own
+    last, as collate_pairs lays them out: causal then aligns a query with the last of its keys). Generation's new token attends with its query heads grouped per
     key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
     On CPU the same boundaries go through SDPA one sequence at a time, for tests.
     With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
@@ -759,32 +811,44 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
             attn_mask=None if attention_mask is None else attention_mask[..., : key.shape[2]], scale=scaling)
         return out.reshape(batch, heads, 1, head_dim).transpose(1, 2), None
     cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    key_index = None
     if cu_seqlens is None:
         cu_seqlens, max_seqlen = kwargs.get("packed_cu_seqlens"), kwargs.get("packed_max_seqlen")
+        key_index = kwargs.get("packed_key_index")
+    cu_seqlens_k, max_seqlen_k = (kwargs["packed_cu_seqlens_k"], kwargs["packed_max_seqlen_k"]) if key_index is not None \
+        else (cu_seqlens, max_seqlen)
     # one sequence in the row (its length is known from the shape, no sync): SDPA's causal kernel is the faster one
     if cu_seqlens is None or len(cu_seqlens) == 2 or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     causal = getattr(module, "is_causal", True)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    if key_index is not None:  # a prompt's keys and values, again for its pair's rejected reply
+        key_index = key_index.to(k.device)
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: as many key/value heads as query heads
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     if not q.is_cuda:
-        return _sdpa_per_sequence(q, k, v, cu_seqlens, causal, scaling)[None], None
+        return _sdpa_per_sequence(q, k, v, cu_seqlens, cu_seqlens_k, causal, scaling)[None], None
     extra = {"is_causal": causal} if "is_causal" in _VARLEN_OPTIONS else {"window_size": (-1, 0) if causal else (-1, -1)}
     if "scale" in _VARLEN_OPTIONS:
         extra["scale"] = scaling
     # max_seqlen stays a Python int (a symbolic one when compiled): int() on it would fix its value in the graph
-    cu_seqlens = cu_seqlens.to(q.device, torch.int32)
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **extra)
+    # (the flash kernel aligns causal masks bottom-right: a query with the last of its keys, as collate_pairs needs)
+    cu_seqlens, cu_seqlens_k = cu_seqlens.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **extra)
     return out[None], None
 
 
 @torch.compiler.disable  # the boundaries are read on the host
-def _sdpa_per_sequence(q, k, v, cu_seqlens, causal, scaling):
-    bounds = cu_seqlens.tolist()
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scaling
-    ).transpose(0, 1) for a, b in zip(bounds, bounds[1:])])
+def _sdpa_per_sequence(q, k, v, cu_seqlens, cu_seqlens_k, causal, scaling):
+    bounds, key_bounds, out = cu_seqlens.tolist(), cu_seqlens_k.tolist(), []
+    for a, b, c, d in zip(bounds, bounds[1:], key_bounds, key_bounds[1:]):
+        # causal with more keys than queries: each query sees the keys up to its own, the last ones (bottom-right)
+        mask = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(d - c - (b - a)) if causal and d - c != b - a else None
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), attn_mask=mask,
+            is_causal=causal and mask is None, scale=scaling).transpose(0, 1))
+    return torch.cat(out)
 
 
 # torch's variable-length flash kernel takes is_causal in torch 2.10, window_size in later versions (the check can

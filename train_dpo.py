@@ -299,10 +299,13 @@ def encode_reply(encoder, sample, reply=None):
 
 class PairDataset(torch.utils.data.Dataset):
     """Item i: micro-batch i of the plan, its pairs packed into one row [chosen_1 .. chosen_P, rejected_1 .. rejected_P]
-    (the prompt appears twice; attention never crosses sequences). `index` holds the pairs' dataset indices."""
+    (attention never crosses sequences). With varlen attention each pair's prompt (and its images) is in the row once,
+    its rejected reply attending to the chosen example's prompt (data.collate_pairs: a 1024-token prompt with two
+    1024-token replies is 3,073 tokens instead of 4,096); with SDPA or eager attention, whose masks come from the
+    positions, it is there twice. `index` holds the pairs' dataset indices."""
 
-    def __init__(self, samples, encoder, plan):
-        self.samples, self.encoder, self.plan = samples, encoder, plan
+    def __init__(self, samples, encoder, plan, share_prompts):
+        self.samples, self.encoder, self.plan, self.share_prompts = samples, encoder, plan, share_prompts
 
     def __len__(self):
         return len(self.plan)
@@ -316,7 +319,7 @@ class PairDataset(torch.utils.data.Dataset):
                 chosen.append(c), rejected.append(r), index.append(j)
         if not index:
             return None
-        batch = data.collate(chosen + rejected, packing=True)
+        batch = data.collate_pairs(chosen, rejected) if self.share_prompts else data.collate(chosen + rejected, packing=True)
         batch |= data.vision_windows(batch, self.encoder.config)  # Qwen2.5-VL's window order, built here (data.py)
         batch["index"] = torch.tensor(index)
         batch["chosen_tokens"] = sum(int((c["labels"] != data.IGNORE).sum()) for c in chosen)
@@ -332,7 +335,8 @@ def spread(indices, batch_size, rank, world_size):
 
 def make_loader(cfg, samples, encoder, plan):
     # its own generator: creating a loader must not draw from the global RNG, or a resumed run's dropout would differ
-    return torch.utils.data.DataLoader(PairDataset(samples, encoder, plan), batch_size=None, shuffle=False,
+    pairs = PairDataset(samples, encoder, plan, share_prompts=cfg.attn_implementation == "varlen")
+    return torch.utils.data.DataLoader(pairs, batch_size=None, shuffle=False,
                                        num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                                        generator=torch.Generator(), worker_init_fn=lambda _: init_worker(cfg.save_on_sigterm))
 
@@ -889,6 +893,11 @@ def main(argv=None):
     if cfg.model == Config.model and not os.path.exists(cfg.model):  # reported before any data work
         raise SystemExit(f"{cfg.model} does not exist: the demo starts from a short SFT run; make it with\n"
                          f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
+    # a pair's rejected reply attends to the prompt in its chosen example (data.collate_pairs): first make sure this
+    # torch's flash kernel aligns causal masks as that needs (a millisecond)
+    if cfg.attn_implementation == "varlen" and device.type == "cuda" and data.shared_prompt_attention_error(device) > 2e-2:
+        raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, which "
+                         "packing a prompt once for both replies of a pair needs: run with --attn_implementation sdpa")
     model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,

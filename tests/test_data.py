@@ -143,6 +143,22 @@ def test_varlen_attention_sees_every_boundary(tiny_model_path, mixed_examples):
     assert calls["vision"] >= model.config.vision_config.depth and calls["other"] == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch's variable-length kernel runs on CUDA"))])
+def test_shared_prompt_attention_equals_the_pair_run_apart(device, monkeypatch):
+    """The rejected reply's queries, attending to the chosen example's prompt keys (packed_key_index), get what they
+    get in the rejected example alone: on CPU through SDPA with a bottom-right causal mask, on the GPU through the
+    flash kernel, whose causal mask must align a query with the last of its keys. The check train_dpo.py runs on a
+    GPU before training fails where the mask is aligned top-left (the reply's queries would see the prompt's first
+    keys only)."""
+    assert data.shared_prompt_attention_error(torch.device(device)) < (1e-5 if device == "cpu" else 2e-2)
+    if device == "cpu":  # SDPA's own causal mask, aligned top-left, in place of the bottom-right one
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, attn_mask=None, is_causal=False,
+                            scale=None: sdpa(q, k, v, is_causal=is_causal or attn_mask is not None, scale=scale))
+        assert data.shared_prompt_attention_error(torch.device(device)) > 0.1
+
+
 def test_varlen_attention_decodes_a_grouped_query_token_as_sdpa_does():
     """One new token over a KV cache with padding masked out (generation under grouped-query attention): the grouped
     path gives transformers' SDPA result, which copies the key/value heads per query head."""
@@ -192,7 +208,7 @@ def test_compiled_varlen_attention_is_one_graph_for_every_batch(causal):
         eager = attend(*qkv, cu_seqlens, max(lengths))
         eager_grads = torch.autograd.grad(eager.float().square().sum(), qkv)
         q, k, v = (x[0].repeat_interleave(8 // x.shape[2], dim=1) for x in qkv)
-        reference = data._sdpa_per_sequence(q, k, v, cu_seqlens, causal, 0.3)
+        reference = data._sdpa_per_sequence(q, k, v, cu_seqlens, cu_seqlens, causal, 0.3)
         assert out.shape == (1, sum(lengths), 8, 64)
         assert (out[0] - reference).abs().max() < 2e-2
         assert torch.equal(out, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))

@@ -1,5 +1,6 @@
 """train_dpo.py: the loss against its written formulas, the reference, packed pair log-probabilities, a run end to end."""
 import json
+import copy
 import math
 import os
 
@@ -64,14 +65,26 @@ def tiny(tiny_model_path):
     return path, encoder, pairs, model
 
 
-def packed_pairs(encoder, pairs):
-    return train_dpo.PairDataset(pairs, encoder, [list(range(len(pairs)))])[0]
+def packed_pairs(encoder, pairs, share_prompts=False):
+    return train_dpo.PairDataset(pairs, encoder, [list(range(len(pairs)))], share_prompts)[0]
 
 
-def test_packed_pair_logps_equal_unpacked(tiny):
+@pytest.mark.parametrize("share_prompts", [False, True], ids=["prompt-twice", "prompt-once"])
+def test_packed_pair_logps_equal_unpacked(tiny, share_prompts):
+    """A micro-batch of pairs packed into one row gives each reply the log-probability it has alone; with varlen
+    attention each prompt and its image are in the row once (the rejected reply attends to the chosen example's
+    prompt), fewer tokens for the same numbers."""
     _, encoder, pairs, model = tiny
-    batch = packed_pairs(encoder, pairs)
+    if share_prompts:
+        model = copy.deepcopy(model)
+        data.use_varlen_attention(model)
+    batch = packed_pairs(encoder, pairs, share_prompts)
     assert batch["input_ids"].shape[0] == 1 and len(batch["cu_seqlens"]) == 2 * len(pairs) + 1
+    twice = packed_pairs(encoder, pairs)
+    if share_prompts:  # a prompt's image tokens and text once, and its last token again before the rejected reply
+        prompts = [int((c != data.IGNORE).nonzero()[0]) for c in twice["labels"][0].split(twice["cu_seqlens"].diff().tolist())[: len(pairs)]]
+        assert batch["input_ids"].shape[1] == twice["input_ids"].shape[1] - sum(prompts)
+        assert len(batch["pixel_values"]) == len(twice["pixel_values"]) // 2
     with torch.no_grad():
         packed, counts = train_dpo.sequence_logps(model, batch, torch.device("cpu"))
         alone = []
