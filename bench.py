@@ -625,7 +625,7 @@ def bench_dpo(args, work):
         steps = run_script("train_dpo.py", model_dir, pair_file, out_dir, args.steps, args.warmup, flags + extra_flags)
         harmonic = lambda key: len(steps) / sum(1 / m[key] for m in steps)  # the same work every step: the harmonic mean
         # tokens/s and MFU of the pairs' tokens, as TRL's row counts them (each prompt twice): train_dpo.py packs a
-        # pair's prompt once (data.collate_pairs), so it runs fewer tokens and FLOPs than that for the same pairs
+        # pair's prompt once (data.collate_shared), so it runs fewer tokens and FLOPs than that for the same pairs
         return {"pairs_per_s": harmonic("pairs_per_s"), "peak_gib": logged_peak(steps),
                 "tokens_per_s": harmonic("pairs_per_s") * tokens_per_pair, "flops_per_token": flops}
 

@@ -709,27 +709,25 @@ def collate(examples, packing, pad_token_id=0):
     return batch
 
 
-def collate_pairs(chosen, rejected):
-    """DPO's packed row [1, T] with each pair's prompt once: the chosen examples as collate packs them, then for each
-    pair its rejected reply after the prompt (a "tail" from the prompt's last token, whose output predicts the reply's
-    first token), attending to its prompt's other tokens in the chosen example and then to itself
-    (varlen_attention's packed_key_index). cu_seqlens marks the 2P sequences, chosen first; the log-probabilities are
-    those of collate(chosen + rejected, packing=True), with each prompt and its images through the model once. A pair
-    whose prompts differ (truncated apart) keeps its whole rejected example as its tail."""
-    batch = collate(chosen + rejected, packing=True)  # (the layout for the sizes and keys; rebuilt below)
-    starts, tails, shared = batch["cu_seqlens"][: len(chosen)].tolist(), [], []
-    for c, r in zip(chosen, rejected):
-        first = lambda e: int((e["labels"] != IGNORE).nonzero()[0]) if (e["labels"] != IGNORE).any() else 0
-        t = first(r)
-        same = t > 0 and t == first(c) and torch.equal(c["input_ids"][: t + 1], r["input_ids"][: t + 1])
-        tails.append({k: v[t:] for k, v in r.items() if k in ("input_ids", "labels")} | {"position_ids": r["position_ids"][:, t:]}
-                     if same else r)
+def collate_shared(examples, heads):
+    """collate(examples, packing=True) with a prompt that several examples share in the row once: example i with
+    heads[i] = j != i (j's prompt is i's: DPO's rejected reply and its chosen one, GRPO's completions of one prompt)
+    keeps only its tokens from the prompt's last one on (whose output predicts its reply's first token), and attends
+    to example j's prompt, then to itself (varlen_attention's packed_key_index). cu_seqlens still marks one sequence
+    per example, in order; the log-probabilities are collate's, with each shared prompt and its images through the
+    model once. An example whose prompt tokens differ from its head's (truncated apart) stays whole."""
+    first_label = lambda e: int((e["labels"] != IGNORE).nonzero()[0]) if (e["labels"] != IGNORE).any() else 0
+    rows, shared = [], []
+    for i, (e, j) in enumerate(zip(examples, heads)):
+        t = first_label(e)
+        head = examples[j]
+        same = j != i and heads[j] == j and t > 0 and t == first_label(head) and torch.equal(head["input_ids"][: t + 1], e["input_ids"][: t + 1])
+        rows.append({"input_ids": e["input_ids"][t:], "labels": e["labels"][t:], "position_ids": e["position_ids"][:, t:]} if same else e)
         shared.append(t if same else 0)
-    batch = collate(chosen + tails, packing=True)
+    batch = collate(rows, packing=True)
     bounds = batch["cu_seqlens"].tolist()
-    keys = [torch.arange(a, b) for a, b in zip(bounds[: len(chosen)], bounds[1 : len(chosen) + 1])]
-    keys += [torch.cat([torch.arange(s, s + n), torch.arange(a, b)])
-             for s, n, a, b in zip(starts, shared, bounds[len(chosen) : -1], bounds[len(chosen) + 1 :])]
+    keys = [torch.cat([torch.arange(bounds[j], bounds[j] + n), torch.arange(a, b)])
+            for j, n, a, b in zip(heads, shared, bounds, bounds[1:])]
     lengths = [len(k) for k in keys]
     batch["packed_key_index"] = torch.cat(keys)
     batch["packed_cu_seqlens_k"], batch["packed_max_seqlen_k"] = torch.tensor([0] + lengths).cumsum(0).int(), max(lengths)
@@ -737,7 +735,7 @@ def collate_pairs(chosen, rejected):
 
 
 def shared_prompt_attention_error(device, prompt=7, chosen=5, rejected=4):
-    """varlen_attention on collate_pairs' layout of one pair (random queries, keys and values; 8 query heads, 2
+    """varlen_attention on collate_shared's layout of one DPO pair (random queries, keys and values; 8 query heads, 2
     key/value heads) against each of its sequences alone through SDPA -> the largest difference (bf16 on a GPU: ~1e-2;
     a kernel whose causal mask is aligned top-left: ~1)."""
     module, g = torch.nn.Module(), torch.Generator().manual_seed(0)
@@ -759,7 +757,7 @@ def shared_prompt_attention_error(device, prompt=7, chosen=5, rejected=4):
     return (out - expected).abs().max().item()
 
 
-# model keyword arguments of a packed batch (the key ones: collate_pairs)
+# model keyword arguments of a packed batch (the key ones: collate_shared)
 PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen", "packed_key_index", "packed_cu_seqlens_k", "packed_max_seqlen_k")
 WINDOW_KEYS = ("window_index", "cu_window_seqlens", "max_window_seqlen", "max_seqlen")  # see vision_windows
 
@@ -794,7 +792,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
     training batch (packed_cu_seqlens, causal; with packed_key_index a sequence's keys are those positions, its own
-    last, as collate_pairs lays them out: causal then aligns a query with the last of its keys). Generation's new token attends with its query heads grouped per
+    last, as collate_shared lays them out: causal then aligns a query with the last of its keys). Generation's new token attends with its query heads grouped per
     key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
     On CPU the same boundaries go through SDPA one sequence at a time, for tests.
     With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
@@ -833,7 +831,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if "scale" in _VARLEN_OPTIONS:
         extra["scale"] = scaling
     # max_seqlen stays a Python int (a symbolic one when compiled): int() on it would fix its value in the graph
-    # (the flash kernel aligns causal masks bottom-right: a query with the last of its keys, as collate_pairs needs)
+    # (the flash kernel aligns causal masks bottom-right: a query with the last of its keys, as collate_shared needs)
     cu_seqlens, cu_seqlens_k = cu_seqlens.to(q.device, torch.int32), cu_seqlens_k.to(q.device, torch.int32)
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **extra)
     return out[None], None

@@ -300,7 +300,7 @@ def encode_reply(encoder, sample, reply=None):
 class PairDataset(torch.utils.data.Dataset):
     """Item i: micro-batch i of the plan, its pairs packed into one row [chosen_1 .. chosen_P, rejected_1 .. rejected_P]
     (attention never crosses sequences). With varlen attention each pair's prompt (and its images) is in the row once,
-    its rejected reply attending to the chosen example's prompt (data.collate_pairs: a 1024-token prompt with two
+    its rejected reply attending to the chosen example's prompt (data.collate_shared: a 1024-token prompt with two
     1024-token replies is 3,073 tokens instead of 4,096); with SDPA or eager attention, whose masks come from the
     positions, it is there twice. `index` holds the pairs' dataset indices."""
 
@@ -319,7 +319,10 @@ class PairDataset(torch.utils.data.Dataset):
                 chosen.append(c), rejected.append(r), index.append(j)
         if not index:
             return None
-        batch = data.collate_pairs(chosen, rejected) if self.share_prompts else data.collate(chosen + rejected, packing=True)
+        if self.share_prompts:  # the rejected reply i shares chosen reply i's prompt
+            batch = data.collate_shared(chosen + rejected, [*range(len(chosen))] * 2)
+        else:
+            batch = data.collate(chosen + rejected, packing=True)
         batch |= data.vision_windows(batch, self.encoder.config)  # Qwen2.5-VL's window order, built here (data.py)
         batch["index"] = torch.tensor(index)
         batch["chosen_tokens"] = sum(int((c["labels"] != data.IGNORE).sum()) for c in chosen)
@@ -893,7 +896,7 @@ def main(argv=None):
     if cfg.model == Config.model and not os.path.exists(cfg.model):  # reported before any data work
         raise SystemExit(f"{cfg.model} does not exist: the demo starts from a short SFT run; make it with\n"
                          f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
-    # a pair's rejected reply attends to the prompt in its chosen example (data.collate_pairs): first make sure this
+    # a pair's rejected reply attends to the prompt in its chosen example (data.collate_shared): first make sure this
     # torch's flash kernel aligns causal masks as that needs (a millisecond)
     if cfg.attn_implementation == "varlen" and device.type == "cuda" and data.shared_prompt_attention_error(device) > 2e-2:
         raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, which "

@@ -1758,10 +1758,11 @@ def completion_example(prompt, completion_ids, encoder):
     return encoder.add_positions(example)
 
 
-def completion_logps(model, examples, lengths, device, temperature, with_entropy=False):
+def completion_logps(model, examples, lengths, device, temperature, with_entropy=False, heads=None):
     """One packed forward of prompt + completion examples -> (logps, entropy or None, mask), each [B, longest
-    completion]. The mask is built from the host's lengths: no sync."""
-    batch = data.collate(examples, packing=True)
+    completion]. heads: example i shares example heads[i]'s prompt, which is then in the row once (data.collate_shared);
+    None: every example whole. The mask is built from the host's lengths: no sync."""
+    batch = data.collate(examples, packing=True) if heads is None else data.collate_shared(examples, heads)
     batch |= data.vision_windows(batch, model.config)  # Qwen2.5-VL's window order from the CPU's grids (data.py)
     flat_logps, flat_entropy = token_logps(model, batch, device, temperature, with_entropy)
     mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).to(device, non_blocking=True)
@@ -1774,7 +1775,10 @@ def completion_logps(model, examples, lengths, device, temperature, with_entropy
 
 def micro_batches(batch, encoder, cfg, device):
     """per_device_train_batch_size completions each, as prompt + completion examples, in rollout order (multi-turn:
-    an episode's last prompt + its last reply, every reply labelled)."""
+    an episode's last prompt + its last reply, every reply labelled). With varlen attention a group's completions in
+    a micro-batch share its prompt (`heads`: the first of them), which the forward then holds once: with a 256-token
+    prompt, 8 completions of 512 are 4,360 tokens instead of 6,144, and the prompt's images go through the vision
+    tower once."""
     size, micro = cfg.per_device_train_batch_size, []
     sampled = None  # vLLM's sampled log-probabilities, per completion token
     if batch["groups"][0]["sampled_logps"] is not None:
@@ -1787,7 +1791,10 @@ def micro_batches(batch, encoder, cfg, device):
         else:  # multi-turn: the episode's last prompt (its earlier replies labelled in it) + its last reply
             episodes = [g["episodes"][(start + k) % cfg.num_generations] for k, g in enumerate(groups)]
             examples = [completion_example(e["prompt"], e["completion_ids"], encoder) for e in episodes]
-        micro.append({"examples": examples,
+        heads = None
+        if cfg.attn_implementation == "varlen" and groups[0].get("episodes") is None:  # (an episode's prompt is its own)
+            heads = [next(i for i in range(len(ids)) if groups[i] is g) for g in groups]
+        micro.append({"examples": examples, "heads": heads,
                       "lengths": [len(c) for c in ids], "advantages": batch["advantages"][start : start + size].to(device),
                       "keep": batch["keep"][start : start + size].to(device)})
         if sampled is not None:
@@ -1821,7 +1828,7 @@ def fixed_logps(model, reference, micro, cfg, device):
         # with num_iterations 1 and high_entropy this pass runs for the entropies alone: one more no-grad forward
         if cfg.num_iterations > 1 or high_entropy:
             logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature,
-                                                    high_entropy)
+                                                    high_entropy, mb["heads"])
             if cfg.num_iterations > 1:
                 mb["old_logps"] = logps
             if high_entropy:
@@ -1829,10 +1836,12 @@ def fixed_logps(model, reference, micro, cfg, device):
             if "sampled_logps" in mb:
                 compare_with_vllm(mb, logps, mask, cfg)
         if cfg.beta != 0 and reference is not None:
-            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
+            mb["ref_logps"] = completion_logps(reference, mb["examples"], mb["lengths"], device, cfg.temperature,
+                                               heads=mb["heads"])[0]
         elif cfg.beta != 0:
             with lora.disable_adapters(model):
-                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature)[0]
+                mb["ref_logps"] = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature,
+                                                   heads=mb["heads"])[0]
     model.train()
 
 
@@ -1840,7 +1849,7 @@ def micro_batch_loss(model, mb, num_items, num_micro, cfg, device, world_size):
     """GRPO's loss on one micro-batch, scaled so that the gradients of every micro-batch of every process add up to
     the global batch's -> (loss, its metrics as sums over the micro-batch's tokens)."""
     dapo_like = cfg.loss_type in ("dapo", "cispo", "sapo")
-    logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True)
+    logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True, mb["heads"])
     if "sampled_logps" in mb and "vllm_diff" not in mb:  # (the rollout's first update, with no fixed_logps pass)
         compare_with_vllm(mb, logps, mask, cfg)
     mask = mask & mb["keep"][:, None]

@@ -458,6 +458,33 @@ def test_logprob_passes_give_the_vision_tower_its_window_order(monkeypatch):
 # ----------------------------------------------------------------------------- DAPO's overlong filter
 
 
+@pytest.mark.parametrize("model_name", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_completions_sharing_their_prompt_give_each_its_own_logps(model_name):
+    """A group's completions in a micro-batch hold their image prompt once (micro_batches' heads, data.collate_shared:
+    each completion attends to the first's prompt): the log-probabilities and entropies of each completion packed
+    on its own; fewer tokens, one image through the vision tower; a micro-batch's heads point at its group's first."""
+    cfg = train_grpo.parse_config(["--model", model_name, "--num_generations", "3", "--per_device_train_batch_size", "4",
+                                   "--gradient_accumulation_steps", "3"])
+    encoder = data.Encoder(data.resolve_model(model_name))
+    model = train_grpo.load_model(cfg, CPU)[0].eval()
+    samples = data.load_dataset([data.demo_path("rl", "train") + "#2"], "rl", seed=0)
+    prompts = [encoder(s, **train_grpo.PROMPT) for s in samples]
+    completions = [[11, 12, 13], [14, 15], [16, 17, 18, 19], [20, 21], [22], [23, 24, 25]]
+    examples = [train_grpo.completion_example(prompts[i // 3], c, encoder) for i, c in enumerate(completions)]
+    lengths, heads = [len(c) for c in completions], [0, 0, 0, 3, 3, 3]
+    with torch.no_grad():
+        whole = train_grpo.completion_logps(model, examples, lengths, CPU, 0.7, True)
+        shared = train_grpo.completion_logps(model, examples, lengths, CPU, 0.7, True, heads)
+    torch.testing.assert_close(shared[0], whole[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1], whole[1], atol=1e-5, rtol=0)
+    row = data.collate_shared(examples, heads)
+    assert len(row["image_grid_thw"]) == 2 and row["input_ids"].shape[1] == sum(lengths) + 2 * len(prompts[0]["input_ids"]) + 4
+    batch = {"completion_ids": completions, "groups": [{"prompt": p, "sampled_logps": None} for p in prompts],
+             "advantages": torch.zeros(6), "keep": torch.ones(6, dtype=torch.bool)}
+    assert [mb["heads"] for mb in train_grpo.micro_batches(batch, encoder, cfg, CPU)] == [[0, 0, 0, 3], [0, 0]]
+    assert train_grpo.micro_batches(batch, encoder, dataclasses.replace(cfg, attn_implementation="sdpa"), CPU)[0]["heads"] is None
+
+
 def test_overlong_filter_masks_truncated_completions(monkeypatch):
     """A completion cut at max_completion_length gets no loss; one that ends with <|im_end|> at exactly that
     length is finished and keeps it."""
