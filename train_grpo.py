@@ -459,14 +459,11 @@ def truncated(completion_ids, encoder):
 
 def sampling_seeds(cfg, step, round, first_prompt, num_prompts):
     """One seed per completion of num_prompts prompts, prompt-major, from (seed, step, round of dynamic sampling,
-    the prompt's index in the step's global batch) plus the completion's index in its group: a completion does not
-    depend on the process or the generate call it lands in, so N processes sample what 1 does. A prompt's completions
-    have consecutive seeds because vLLM seeds the k-th of a request's n completions with seed + k: one request per
-    prompt (vllm_rollout) samples what a request per completion would, and all are below 2**63 (vLLM's limit)."""
-    key = lambda j: f"{cfg.seed}/{step}/{round}/{first_prompt + j}".encode()
-    firsts = [int.from_bytes(hashlib.sha256(key(j)).digest()[:8], "little") % (2**63 - cfg.num_generations)
-              for j in range(num_prompts)]
-    return [first + k for first in firsts for k in range(cfg.num_generations)]
+    the prompt's index in the step's global batch, the completion's index in its group): a completion does not depend
+    on the process or the generate call it lands in, so N processes sample what 1 does."""
+    key = lambda j, k: f"{cfg.seed}/{step}/{round}/{first_prompt + j}/{k}".encode()
+    return [int.from_bytes(hashlib.sha256(key(j, k)).digest()[:8], "little")
+            for j in range(num_prompts) for k in range(cfg.num_generations)]
 
 
 @torch.no_grad()
@@ -720,9 +717,9 @@ def vllm_prompt(sample, prompt, encoder):
 @torch.no_grad()
 def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, lora_request=None):
     """rollout() with vLLM: each prompt sample completed num_generations times (once if greedy), prompt-major, in one
-    request per prompt (its media processed once) whose k-th completion vLLM samples with the seed seeds[first] + k,
-    so seeds must be consecutive within a prompt (sampling_seeds: vLLM's sampler, not the built-in rollout's draws;
-    greedy is the same), each ending with its stop token (kept) or cut at max_completion_length. The vision placeholders are never
+    request per prompt (its media processed once), whose k-th completion vLLM samples with request_seed + k: a
+    function of the prompt's first seed, so of (seed, step, prompt), as the built-in rollout's (vLLM's sampler, so
+    not its draws; greedy is the same). Each ends with its stop token (kept) or is cut at max_completion_length. The vision placeholders are never
     sampled: they are vLLM bad words (a one-token bad word is set to -inf at every step, as rollout() does).
     -> (completion_ids, texts, vllm_logprobs: per completion, the log-probability of each token under the distribution
     it was drawn from)."""
@@ -735,7 +732,7 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
     for j in range(len(samples)):
         sampling = dict(temperature=0.0) if greedy else dict(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-            seed=group_seed(seeds, j, per_prompt))
+            seed=request_seed(seeds, j, per_prompt))
         params.append(SamplingParams(n=per_prompt, max_tokens=cfg.max_completion_length, stop_token_ids=stop,
                                      bad_words=VLLM_SUPPRESSED, logprobs=0, detokenize=False, **sampling))
     requests = [vllm_prompt(sample, prompt, encoder) for sample, prompt in zip(samples, prompts)]
@@ -754,13 +751,10 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
     return completion_ids, texts, vllm_logprobs
 
 
-def group_seed(seeds, j, per_prompt):
-    """The seed of prompt j's request, whose k-th completion vLLM samples with seed + k: its first completion's."""
-    first = seeds[j * per_prompt]
-    if seeds[j * per_prompt : (j + 1) * per_prompt] != list(range(first, first + per_prompt)) or first + per_prompt > 2**63:
-        raise ValueError(f"prompt {j}'s completion seeds {seeds[j * per_prompt : (j + 1) * per_prompt]} are not consecutive "
-                         f"numbers below 2**63 (sampling_seeds gives such)")
-    return first
+def request_seed(seeds, j, per_prompt):
+    """The seed of the vLLM request for prompt j's per_prompt completions, whose k-th vLLM samples with seed + k: its
+    first completion's seed (sampling_seeds), brought below 2**63 - per_prompt (vLLM's limit is 2**63)."""
+    return seeds[j * per_prompt] % (2**63 - per_prompt)
 
 
 def vllm_group_rollout(vllm, encoder, samples, prompts, cfg, seeds=None, greedy=False):
@@ -1063,7 +1057,7 @@ def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, 
             messages.append({"role": m["role"], "content": parts})
         sampling = {"temperature": 0.0} if greedy else {
             "temperature": cfg.temperature, "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty,
-            "seed": group_seed(seeds, j, per_prompt), **({"top_k": cfg.top_k} if cfg.top_k > 0 else {})}
+            "seed": request_seed(seeds, j, per_prompt), **({"top_k": cfg.top_k} if cfg.top_k > 0 else {})}
         bodies.append({"model": model_name, "messages": messages, "n": per_prompt, "max_tokens": cfg.max_completion_length,
                        "stop_token_ids": stop_tokens(encoder), "bad_words": VLLM_SUPPRESSED, "logprobs": True,
                        "top_logprobs": 0, "return_token_ids": True,
@@ -1362,7 +1356,7 @@ def load_multi_turn_plugin(path):
 def turn_seed(seed, turn):
     """The sampling seed of an episode's reply at `turn` (2, 3, ...) from its first reply's (sampling_seeds): a reply
     depends neither on the process nor on the other episodes, and a resumed run samples it again."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/turn/{turn}".encode()).digest()[:8], "little") % 2**63  # (vLLM's limit)
+    return int.from_bytes(hashlib.sha256(f"{seed}/turn/{turn}".encode()).digest()[:8], "little")
 
 
 def next_prompt(prompt, reply_ids, messages, images, encoder):

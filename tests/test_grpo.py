@@ -298,22 +298,6 @@ def test_sampler_rows_do_not_depend_on_the_batch():
         assert together(logits).argmax(-1)[1] == alone(logits[1:2]).argmax(-1)[0]
 
 
-def test_sampling_seeds_are_consecutive_within_a_prompt():
-    """A prompt's completions take consecutive seeds below 2**63, so that one vLLM request with n completions (its
-    k-th seeded seed + k) samples them; the step, the round and the prompt's global index decide the first; a prompt's
-    seeds that are not consecutive are refused by the request that would sample others."""
-    cfg = train_grpo.parse_config(["--num_generations", "4"])
-    seeds = train_grpo.sampling_seeds(cfg, 3, 1, 2, 3)
-    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
-    assert [train_grpo.group_seed(seeds, j, 4) for j in range(3)] == seeds[::4]
-    assert train_grpo.sampling_seeds(cfg, 3, 1, 0, 5)[8:] == seeds[:12]  # prompts 2..4 of the same step
-    assert len({*seeds[::4], *train_grpo.sampling_seeds(cfg, 4, 1, 2, 3)[::4], *train_grpo.sampling_seeds(cfg, 3, 2, 2, 3)[::4]}) == 9
-    with pytest.raises(ValueError, match="are not consecutive"):
-        train_grpo.group_seed([5, 6, 8, 9], 0, 4)
-    with pytest.raises(ValueError, match="below 2\\*\\*63"):
-        train_grpo.group_seed([2**63 - 1, 2**63], 0, 2)
-
-
 def test_rollout_completion_depends_only_on_its_seed():
     """The same seeds give the same completions alone, next to a longer prompt (left padding), or one generate call
     per completion; other seeds give other completions."""
