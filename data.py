@@ -725,6 +725,8 @@ def collate_shared(examples, heads):
         rows.append({"input_ids": e["input_ids"][t:], "labels": e["labels"][t:], "position_ids": e["position_ids"][:, t:]} if same else e)
         shared.append(t if same else 0)
     batch = collate(rows, packing=True)
+    if not any(shared):  # nothing shared: every sequence's keys are its own, with no gather
+        return batch
     bounds = batch["cu_seqlens"].tolist()
     keys = [torch.cat([torch.arange(bounds[j], bounds[j] + n), torch.arange(a, b)])
             for j, n, a, b in zip(heads, shared, bounds, bounds[1:])]

@@ -2168,6 +2168,11 @@ def setup(cfg, state=None):
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
         resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
+    # a group's completions attend to the prompt in its first's (data.collate_shared): first make sure this torch's
+    # flash kernel aligns causal masks as that needs (a millisecond)
+    if cfg.attn_implementation == "varlen" and device.type == "cuda" and data.shared_prompt_attention_error(device) > 2e-2:
+        raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, which "
+                         "packing a prompt once for its group's completions needs: run with --attn_implementation sdpa")
     model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
     reference = load_reference(cfg, device, distributed) if cfg.beta != 0 and cfg.train_type == "full" else None
     if distributed:
