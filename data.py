@@ -721,8 +721,10 @@ def collate_shared(examples, heads):
     for i, (e, j) in enumerate(zip(examples, heads)):
         t = first_label(e)
         head = examples[j]
-        same = j != i and heads[j] == j and t > 0 and t == first_label(head) and torch.equal(head["input_ids"][: t + 1], e["input_ids"][: t + 1])
-        rows.append({"input_ids": e["input_ids"][t:], "labels": e["labels"][t:], "position_ids": e["position_ids"][:, t:]} if same else e)
+        same = (j != i and heads[j] == j and t > 0 and t == first_label(head)
+                and torch.equal(head["input_ids"][: t + 1], e["input_ids"][: t + 1]))
+        tail = {"input_ids": e["input_ids"][t:], "labels": e["labels"][t:], "position_ids": e["position_ids"][:, t:]}
+        rows.append(tail if same else e)
         shared.append(t if same else 0)
     batch = collate(rows, packing=True)
     if not any(shared):  # nothing shared: every sequence's keys are its own, with no gather
@@ -732,7 +734,8 @@ def collate_shared(examples, heads):
             for j, n, a, b in zip(heads, shared, bounds, bounds[1:])]
     lengths = [len(k) for k in keys]
     batch["packed_key_index"] = torch.cat(keys)
-    batch["packed_cu_seqlens_k"], batch["packed_max_seqlen_k"] = torch.tensor([0] + lengths).cumsum(0).int(), max(lengths)
+    batch["packed_cu_seqlens_k"] = torch.tensor([0] + lengths).cumsum(0).int()
+    batch["packed_max_seqlen_k"] = max(lengths)
     return batch
 
 
@@ -760,7 +763,8 @@ def shared_prompt_attention_error(device, prompt=7, chosen=5, rejected=4):
 
 
 # model keyword arguments of a packed batch (the key ones: collate_shared)
-PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen", "packed_key_index", "packed_cu_seqlens_k", "packed_max_seqlen_k")
+PACKED_KEYS = ("packed_cu_seqlens", "packed_max_seqlen", "packed_key_index", "packed_cu_seqlens_k",
+               "packed_max_seqlen_k")
 WINDOW_KEYS = ("window_index", "cu_window_seqlens", "max_window_seqlen", "max_seqlen")  # see vision_windows
 
 
@@ -794,8 +798,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers attention function: query [1, H, T, D], key/value [1, H_kv, T, D] -> ([1, T, H, D], None).
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
     training batch (packed_cu_seqlens, causal; with packed_key_index a sequence's keys are those positions, its own
-    last, as collate_shared lays them out: causal then aligns a query with the last of its keys). Generation's new token attends with its query heads grouped per
-    key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
+    last, as collate_shared lays them out: causal then aligns a query with the last of its keys). Generation's new
+    token attends with its query heads grouped per key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
     On CPU the same boundaries go through SDPA one sequence at a time, for tests.
     With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
     are tensors and dynamic ints, so a new batch does not recompile); a graph break here split every layer in two
@@ -815,14 +819,15 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu_seqlens is None:
         cu_seqlens, max_seqlen = kwargs.get("packed_cu_seqlens"), kwargs.get("packed_max_seqlen")
         key_index = kwargs.get("packed_key_index")
-    cu_seqlens_k, max_seqlen_k = (kwargs["packed_cu_seqlens_k"], kwargs["packed_max_seqlen_k"]) if key_index is not None \
-        else (cu_seqlens, max_seqlen)
+    cu_seqlens_k, max_seqlen_k = cu_seqlens, max_seqlen
+    if key_index is not None:
+        cu_seqlens_k, max_seqlen_k = kwargs["packed_cu_seqlens_k"], kwargs["packed_max_seqlen_k"]
     # one sequence in the row (its length is known from the shape, no sync): SDPA's causal kernel is the faster one
     if cu_seqlens is None or len(cu_seqlens) == 2 or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     causal = getattr(module, "is_causal", True)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
-    if key_index is not None:  # a prompt's keys and values, again for its pair's rejected reply
+    if key_index is not None:  # a shared prompt's keys and values, again for each sequence that shares it
         key_index = key_index.to(k.device)
         k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     if k.shape[1] != q.shape[1]:  # grouped-query attention: as many key/value heads as query heads
@@ -844,7 +849,9 @@ def _sdpa_per_sequence(q, k, v, cu_seqlens, cu_seqlens_k, causal, scaling):
     bounds, key_bounds, out = cu_seqlens.tolist(), cu_seqlens_k.tolist(), []
     for a, b, c, d in zip(bounds, bounds[1:], key_bounds, key_bounds[1:]):
         # causal with more keys than queries: each query sees the keys up to its own, the last ones (bottom-right)
-        mask = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(d - c - (b - a)) if causal and d - c != b - a else None
+        mask = None
+        if causal and d - c != b - a:
+            mask = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(d - c - (b - a))
         out.append(torch.nn.functional.scaled_dot_product_attention(
             q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), attn_mask=mask,
             is_causal=causal and mask is None, scale=scaling).transpose(0, 1))

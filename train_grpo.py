@@ -669,7 +669,8 @@ def vllm_engine(cfg, device, max_media=(1, 0)):
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in LORA_RANKS if r >= cfg.lora_rank))
     return LLM(model=data.resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code,
                # --vllm_tensor_parallel_size consecutive processes hold one engine's shards (vllm_group_rollout)
-               tensor_parallel_size=cfg.vllm_tensor_parallel_size, dtype=torch.bfloat16 if on_gpu else torch.float32, seed=cfg.seed,
+               tensor_parallel_size=cfg.vllm_tensor_parallel_size, dtype=torch.bfloat16 if on_gpu else torch.float32,
+               seed=cfg.seed,
                max_model_len=cfg.vllm_max_model_len or cfg.max_length + cfg.max_completion_length,
                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                enable_prefix_caching=cfg.vllm_enable_prefix_caching,
@@ -719,8 +720,8 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
     """rollout() with vLLM: each prompt sample completed num_generations times (once if greedy), prompt-major, in one
     request per prompt (its media processed once), whose k-th completion vLLM samples with request_seed + k: a
     function of the prompt's first seed, so of (seed, step, prompt), as the built-in rollout's (vLLM's sampler, so
-    not its draws; greedy is the same). Each ends with its stop token (kept) or is cut at max_completion_length. The vision placeholders are never
-    sampled: they are vLLM bad words (a one-token bad word is set to -inf at every step, as rollout() does).
+    not its draws; greedy is the same). Each ends with its stop token (kept) or is cut at max_completion_length. The
+    vision placeholders are never sampled: they are vLLM bad words (a one-token bad word is set to -inf at every step, as rollout() does).
     -> (completion_ids, texts, vllm_logprobs: per completion, the log-probability of each token under the distribution
     it was drawn from)."""
     from vllm import SamplingParams
@@ -1011,8 +1012,8 @@ def vllm_server_wait(cfg, max_media=(1, 0)):
 
 def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, greedy=False):
     """vllm_rollout() against the server: one chat completion request per prompt for its n completions (sent at once:
-    the server batches them; seeds as vllm_rollout's), the sample's messages with its media as vllm_prompt prepares them, in data URLs: images as PNGs, a video as
-    its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
+    the server batches them; seeds as vllm_rollout's), the sample's messages with its media as vllm_prompt prepares
+    them, in data URLs: images as PNGs, a video as its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
     its own format, so nothing is lost) with their indices and fps in the request's media_io_kwargs. The server's chat
     template is the model folder's, as the encoder's (Qwen3-VL with a video: sent with the request, below), and its
     prompt token ids are checked against the encoder's. -> as vllm_rollout."""
@@ -1843,7 +1844,8 @@ def micro_batch_loss(model, mb, num_items, num_micro, cfg, device, world_size):
     """GRPO's loss on one micro-batch, scaled so that the gradients of every micro-batch of every process add up to
     the global batch's -> (loss, its metrics as sums over the micro-batch's tokens)."""
     dapo_like = cfg.loss_type in ("dapo", "cispo", "sapo")
-    logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True, mb["heads"])
+    logps, entropy, mask = completion_logps(model, mb["examples"], mb["lengths"], device, cfg.temperature, True,
+                                            mb["heads"])
     if "sampled_logps" in mb and "vllm_diff" not in mb:  # (the rollout's first update, with no fixed_logps pass)
         compare_with_vllm(mb, logps, mask, cfg)
     mask = mask & mb["keep"][:, None]

@@ -82,7 +82,8 @@ def test_packed_pair_logps_equal_unpacked(tiny, share_prompts):
     assert batch["input_ids"].shape[0] == 1 and len(batch["cu_seqlens"]) == 2 * len(pairs) + 1
     twice = packed_pairs(encoder, pairs)
     if share_prompts:  # a prompt's image tokens and text once, and its last token again before the rejected reply
-        prompts = [int((c != data.IGNORE).nonzero()[0]) for c in twice["labels"][0].split(twice["cu_seqlens"].diff().tolist())[: len(pairs)]]
+        sequences = twice["labels"][0].split(twice["cu_seqlens"].diff().tolist())[: len(pairs)]
+        prompts = [int((labels != data.IGNORE).nonzero()[0]) for labels in sequences]
         assert batch["input_ids"].shape[1] == twice["input_ids"].shape[1] - sum(prompts)
         assert len(batch["pixel_values"]) == len(twice["pixel_values"]) // 2
     with torch.no_grad():
