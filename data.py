@@ -716,14 +716,13 @@ def collate_shared(examples, heads):
     to example j's prompt, then to itself (varlen_attention's packed_key_index). cu_seqlens still marks one sequence
     per example, in order; the log-probabilities are collate's, with each shared prompt and its images through the
     model once. An example whose prompt tokens differ from its head's (truncated apart) stays whole."""
-    first_label = lambda e: int((e["labels"] != IGNORE).nonzero()[0]) if (e["labels"] != IGNORE).any() else 0
+    labelled = [e["labels"] != IGNORE for e in examples]
+    firsts = [int(mask.nonzero()[0]) if mask.any() else 0 for mask in labelled]  # where each reply starts
     rows, shared = [], []
-    for i, (e, j) in enumerate(zip(examples, heads)):
-        t = first_label(e)
-        head = examples[j]
-        same = (j != i and heads[j] == j and t > 0 and t == first_label(head)
-                and torch.equal(head["input_ids"][: t + 1], e["input_ids"][: t + 1]))
-        tail = {"input_ids": e["input_ids"][t:], "labels": e["labels"][t:], "position_ids": e["position_ids"][:, t:]}
+    for i, (e, j, t) in enumerate(zip(examples, heads, firsts)):
+        same = (j != i and heads[j] == j and t > 0 and t == firsts[j]
+                and torch.equal(examples[j]["input_ids"][: t + 1], e["input_ids"][: t + 1]))
+        tail = {key: e[key][t:] for key in ("input_ids", "labels")} | {"position_ids": e["position_ids"][:, t:]}
         rows.append(tail if same else e)
         shared.append(t if same else 0)
     batch = collate(rows, packing=True)
@@ -760,6 +759,14 @@ def shared_prompt_attention_error(device, prompt=7, chosen=5, rejected=4):
     expected = torch.cat([alone(q[:, :, :first], k[:, :, :first], v[:, :, :first]),
                           alone(apart(q), apart(k), apart(v))[prompt - 1 :]])
     return (out - expected).abs().max().item()
+
+
+def check_shared_prompt_attention(device):
+    """Before training with collate_shared's rows on a GPU: stop, naming the way out, if this torch's flash kernel
+    does not align a causal mask with the last key, as a sequence attending to a shared prompt needs."""
+    if device.type == "cuda" and shared_prompt_attention_error(device) > 2e-2:
+        raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, "
+                         "which packing a shared prompt once needs: run with --attn_implementation sdpa")
 
 
 # model keyword arguments of a packed batch (the key ones: collate_shared)
@@ -799,7 +806,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     Sequence boundaries come from the vision blocks (cu_seq_lens_q: images and windows, not causal) or from a packed
     training batch (packed_cu_seqlens, causal; with packed_key_index a sequence's keys are those positions, its own
     last, as collate_shared lays them out: causal then aligns a query with the last of its keys). Generation's new
-    token attends with its query heads grouped per key/value head. Anything else (a prompt into a KV cache, padded rows) is SDPA with the mask transformers built.
+    token attends with its query heads grouped per key/value head. Anything else (a prompt into a KV cache, padded
+    rows) is SDPA with the mask transformers built.
     On CPU the same boundaries go through SDPA one sequence at a time, for tests.
     With --compile the GPU path is traced into the layer's graph (torch's kernel is a custom op, and the boundaries
     are tensors and dynamic ints, so a new batch does not recompile); a graph break here split every layer in two

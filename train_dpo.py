@@ -896,11 +896,8 @@ def main(argv=None):
     if cfg.model == Config.model and not os.path.exists(cfg.model):  # reported before any data work
         raise SystemExit(f"{cfg.model} does not exist: the demo starts from a short SFT run; make it with\n"
                          f"    python train_sft.py --max_steps 60 --output_dir outputs/sft_short")
-    # a pair's rejected reply attends to the prompt in its chosen example (data.collate_shared): first make sure this
-    # torch's flash kernel aligns causal masks as that needs (a millisecond)
-    if cfg.attn_implementation == "varlen" and device.type == "cuda" and data.shared_prompt_attention_error(device) > 2e-2:
-        raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, which "
-                         "packing a prompt once for both replies of a pair needs: run with --attn_implementation sdpa")
+    if cfg.attn_implementation == "varlen":  # a rejected reply attends to its chosen one's prompt (a millisecond)
+        data.check_shared_prompt_attention(device)
     model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
     vision = data.VisionConfig(cfg.min_pixels, cfg.max_pixels, cfg.fps, cfg.video_min_frames, cfg.video_max_frames, cfg.video_max_pixels)
     encoder = data.Encoder(data.resolve_model(cfg.model), vision, cfg.max_length, cfg.truncation_strategy,

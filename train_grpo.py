@@ -82,7 +82,7 @@ class Config:
     vllm_gpu_memory_utilization: float = 0.3  # colocate: the share of the GPU the engine takes (its weights + KV cache)
     vllm_max_model_len: int | None = None  # prompt + completion tokens a sequence may hold (default: max_length + max_completion_length)
     vllm_tensor_parallel_size: int = 1  # colocate: processes (GPUs) that share one engine, for a model too big for one GPU
-    vllm_enable_prefix_caching: bool = True  # a prompt's num_generations requests share its KV cache and image encoding
+    vllm_enable_prefix_caching: bool = True  # a prompt's completions share its KV cache and image encoding
     vllm_lora_sync: str = "adapter"  # LoRA: adapter (vLLM's LoRA, only the adapter is sent) | merged (W + scale B A sent as weights)
     sleep_level: int = 0  # colocate on GPU, while training: 0 the engine keeps its memory | 1 KV cache freed, weights backed up
     # to CPU | 2 both freed (the next sync sends every weight again). CPU: vLLM has no sleep mode
@@ -721,7 +721,8 @@ def vllm_rollout(llm, encoder, samples, prompts, cfg, seeds=None, greedy=False, 
     request per prompt (its media processed once), whose k-th completion vLLM samples with request_seed + k: a
     function of the prompt's first seed, so of (seed, step, prompt), as the built-in rollout's (vLLM's sampler, so
     not its draws; greedy is the same). Each ends with its stop token (kept) or is cut at max_completion_length. The
-    vision placeholders are never sampled: they are vLLM bad words (a one-token bad word is set to -inf at every step, as rollout() does).
+    vision placeholders are never sampled: they are vLLM bad words (a one-token bad word is set to -inf at every
+    step, as rollout() does).
     -> (completion_ids, texts, vllm_logprobs: per completion, the log-probability of each token under the distribution
     it was drawn from)."""
     from vllm import SamplingParams
@@ -1013,10 +1014,11 @@ def vllm_server_wait(cfg, max_media=(1, 0)):
 def vllm_server_rollout(model_name, encoder, samples, prompts, cfg, seeds=None, greedy=False):
     """vllm_rollout() against the server: one chat completion request per prompt for its n completions (sent at once:
     the server batches them; seeds as vllm_rollout's), the sample's messages with its media as vllm_prompt prepares
-    them, in data URLs: images as PNGs, a video as its sampled and resized frames (vLLM's "video/jpeg" URL, a list of base64 pictures, here PNGs: each is decoded by
-    its own format, so nothing is lost) with their indices and fps in the request's media_io_kwargs. The server's chat
-    template is the model folder's, as the encoder's (Qwen3-VL with a video: sent with the request, below), and its
-    prompt token ids are checked against the encoder's. -> as vllm_rollout."""
+    them, in data URLs: images as PNGs, a video as its sampled and resized frames (vLLM's "video/jpeg" URL, a list of
+    base64 pictures, here PNGs: each is decoded by its own format, so nothing is lost) with their indices and fps in
+    the request's media_io_kwargs. The server's chat template is the model folder's, as the encoder's (Qwen3-VL with
+    a video: sent with the request, below), and its prompt token ids are checked against the encoder's.
+    -> as vllm_rollout."""
     import base64
     import io
     import re
@@ -2170,11 +2172,8 @@ def setup(cfg, state=None):
     resume = cfg.resume_from_checkpoint
     if resume == "latest":
         resume = (checkpoint_dirs(cfg.output_dir) or [None])[-1]
-    # a group's completions attend to the prompt in its first's (data.collate_shared): first make sure this torch's
-    # flash kernel aligns causal masks as that needs (a millisecond)
-    if cfg.attn_implementation == "varlen" and device.type == "cuda" and data.shared_prompt_attention_error(device) > 2e-2:
-        raise SystemExit("this torch's variable-length flash kernel does not align a causal mask with the last key, which "
-                         "packing a prompt once for its group's completions needs: run with --attn_implementation sdpa")
+    if cfg.attn_implementation == "varlen":  # a group's completions attend to its first's prompt (a millisecond)
+        data.check_shared_prompt_attention(device)
     model, trainable, total = load_model(cfg, device, resume if cfg.train_type == "full" else None)
     reference = load_reference(cfg, device, distributed) if cfg.beta != 0 and cfg.train_type == "full" else None
     if distributed:
